@@ -1,0 +1,2 @@
+//! upstream-guard (work in progress)
+#![forbid(unsafe_code)]
