@@ -1,0 +1,846 @@
+//! [`ResponseFuture`]: the attempt loop of one guarded request, as a state machine.
+//!
+//! ```text
+//!            ┌────────────┐ body complete  ┌─────────┐ response / error / timeout
+//!  call ───▶ │ Buffering  │ ─────────────▶ │ Calling │ ──────────────┐
+//!    │       └────────────┘                └─────────┘               ▼
+//!    │  (no replay needed)                      ▲              retry allowed?
+//!    └──────────────────────────────────────────┘              │ yes     │ no
+//!                                 ┌───────────┐  ┌─────────┐   │         ▼
+//!                                 │ Readying  │◀─│ Backoff │◀──┘      finish
+//!                                 └───────────┘  └─────────┘
+//! ```
+//!
+//! One [`Sleep`] serves the whole request: it is armed only once an attempt has to
+//! wait (an inner service that answers on the first poll costs no timer and no
+//! clock read), and then reset for each attempt and each backoff. Its instant is
+//! always capped by the request's single deadline.
+
+use std::error::Error;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::request::Parts;
+use http::uri::Authority;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+use tracing::Span;
+
+use crate::body::{RequestBody, ResponseBody};
+use crate::classify::ResponseClass;
+use crate::failure::{FailureKind, GuardFailure};
+use crate::grpc;
+use crate::layer::Shared;
+use crate::observe::{
+    AttemptEvent, AttemptOutcome, Outcome, RequestFacts, ResponseEvent, RetryDenied,
+    RetryDeniedEvent, RetryEvent,
+};
+use crate::replay::{usable_request_id, BodyBuffer, Fed, Head, Mode, ReplayBody};
+use crate::response::{synthesize, Flavor};
+use crate::retry::is_safe_to_resend;
+use crate::BoxError;
+
+pin_project! {
+    /// The response future of [`UpstreamGuard`](crate::UpstreamGuard).
+    ///
+    /// It never fails: every error of the inner service, every timeout and every
+    /// rejection becomes a response.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<RequestBody<B>>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        #[pin]
+        timer: Option<Sleep>,
+        ctx: Ctx<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        // Reading a request body that will be replayed.
+        Buffering,
+        // An attempt is in flight.
+        Calling {
+            #[pin]
+            future: F,
+        },
+        // Sleeping before a retry.
+        Backoff,
+        // Waiting for the inner service to be ready for a retry.
+        Readying,
+        // Answering without calling the upstream.
+        Rejected,
+        // The response was returned.
+        Done,
+    }
+}
+
+/// Facts about the request, kept for responses, events and spans.
+struct Info {
+    method: Method,
+    is_grpc: bool,
+    request_id: Option<HeaderValue>,
+    authority: Option<Authority>,
+    safe_to_resend: bool,
+}
+
+impl Info {
+    fn new(parts: &Parts) -> Info {
+        Info {
+            method: parts.method.clone(),
+            is_grpc: grpc::is_grpc(&parts.headers),
+            request_id: parts
+                .headers
+                .get("x-request-id")
+                .filter(|v| usable_request_id(v))
+                .cloned(),
+            authority: parts.uri.authority().cloned(),
+            safe_to_resend: is_safe_to_resend(&parts.method, &parts.headers),
+        }
+    }
+}
+
+/// How an attempt ended, with what is needed to answer with it.
+enum Attempted<R> {
+    Response(R, StatusCode, ResponseClass),
+    Failed(FailureKind, Option<Arc<dyn Error + Send + Sync>>),
+}
+
+impl<R> Attempted<R> {
+    fn outcome(&self) -> AttemptOutcome {
+        match self {
+            Attempted::Response(_, status, class) => AttemptOutcome::Response {
+                status: *status,
+                class: *class,
+            },
+            Attempted::Failed(kind, _) => AttemptOutcome::Failure(*kind),
+        }
+    }
+
+    fn failed(kind: FailureKind, error: BoxError) -> Self {
+        Attempted::Failed(kind, Some(Arc::from(error)))
+    }
+}
+
+/// The non-pinned state of a request.
+struct Ctx<S, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+{
+    shared: Arc<Shared>,
+    info: Info,
+    /// The service for calls made after `call` returned: the first attempt of a
+    /// buffered request, and retries. `None` when no such call can happen.
+    service: Option<S>,
+    /// The request head and body while the body is being buffered.
+    pending: Option<(Parts, B)>,
+    buffer: Option<BodyBuffer>,
+    /// What is needed to send the request again; `None` if it cannot be.
+    head: Option<Head>,
+    replay: Option<ReplayBody>,
+    /// Attempts started so far.
+    attempt: u32,
+    /// The guard's clock starts lazily, the first time an attempt has to wait.
+    started: Option<Instant>,
+    attempt_started: Option<Instant>,
+    deadline: Option<Instant>,
+    /// The deadline's length: the configured one, or a shorter inbound `grpc-timeout`.
+    budget: Duration,
+    /// Whether the timer is armed for the current attempt.
+    armed: bool,
+    rejection: Option<(FailureKind, Option<Arc<dyn Error + Send + Sync>>)>,
+    request_span: Span,
+    attempt_span: Span,
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody<B>>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin,
+{
+    /// Starts a guarded request: the first attempt is made right away unless the
+    /// body has to be buffered first.
+    pub(crate) fn start(request: Request<B>, inner: &mut S, shared: Arc<Shared>) -> Self {
+        let (mut parts, body) = request.into_parts();
+        let info = Info::new(&parts);
+        let budget = inbound_deadline(&shared, &info, &parts);
+        let request_span = request_span(&shared, &info);
+        if let Some(retry_budget) = &shared.budget {
+            retry_budget.deposit();
+        }
+        let mut ctx = Ctx {
+            service: None,
+            pending: None,
+            buffer: None,
+            head: None,
+            replay: None,
+            attempt: 0,
+            started: None,
+            attempt_started: None,
+            deadline: None,
+            budget,
+            armed: false,
+            rejection: None,
+            request_span,
+            attempt_span: Span::none(),
+            info,
+            shared,
+        };
+        if ctx.info.is_grpc {
+            // The caller's gRPC deadline runs from when it sent the request, and we
+            // must tell the upstream how much of it is left: start the clock now.
+            ctx.start_clock(Instant::now());
+        }
+
+        let plan = if ctx.shared.retry.enabled() {
+            replay_plan(&body, ctx.shared.retry.max_replay_body)
+        } else {
+            Plan::Stream
+        };
+        let state = match plan {
+            Plan::Stream => {
+                let request = ctx.first_request(parts, RequestBody::new(body));
+                State::Calling {
+                    future: ctx.call(inner, request),
+                }
+            }
+            Plan::Empty => {
+                // Keep the ready service for retries and leave a clone in its place
+                // (it must be polled ready again before its next call anyway).
+                let mut service = take_ready(inner);
+                ctx.head = Some(Head::copy_of(&parts));
+                ctx.replay = Some(ReplayBody::default());
+                let request = ctx.first_request(parts, RequestBody::new(body));
+                let future = ctx.call(&mut service, request);
+                ctx.service = Some(service);
+                State::Calling { future }
+            }
+            Plan::Buffer(mode) => {
+                ctx.service = Some(take_ready(inner));
+                grpc_timeout_placeholder(&mut parts);
+                ctx.pending = Some((parts, body));
+                ctx.buffer = Some(BodyBuffer::new(mode, ctx.shared.retry.max_replay_body));
+                State::Buffering
+            }
+        };
+        ResponseFuture {
+            state,
+            timer: None,
+            ctx,
+        }
+    }
+
+    /// Answers a request for which the inner service failed to become ready.
+    pub(crate) fn not_ready(request: Request<B>, shared: Arc<Shared>, error: BoxError) -> Self {
+        let (parts, _body) = request.into_parts();
+        let info = Info::new(&parts);
+        let kind = shared.classifier.error_kind(&*error);
+        let request_span = request_span(&shared, &info);
+        ResponseFuture {
+            state: State::Rejected,
+            timer: None,
+            ctx: Ctx {
+                service: None,
+                pending: None,
+                buffer: None,
+                head: None,
+                replay: None,
+                attempt: 0,
+                started: None,
+                attempt_started: None,
+                deadline: None,
+                budget: shared.deadline,
+                armed: false,
+                rejection: Some((kind, Some(Arc::from(error)))),
+                request_span,
+                attempt_span: Span::none(),
+                info,
+                shared,
+            },
+        }
+    }
+}
+
+/// Moves the ready service out, leaving a clone in its place.
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+/// The gRPC header is rewritten per attempt; nothing to do while buffering.
+fn grpc_timeout_placeholder(_parts: &mut Parts) {}
+
+/// How the request body will be handled.
+enum Plan {
+    /// Stream it through once; the request cannot be retried.
+    Stream,
+    /// The body is empty: nothing to buffer, always replayable.
+    Empty,
+    /// Buffer it for replay.
+    Buffer(Mode),
+}
+
+fn replay_plan<B: Body>(body: &B, cap: usize) -> Plan {
+    if body.is_end_stream() {
+        return Plan::Empty;
+    }
+    let hint = body.size_hint();
+    let cap64 = u64::try_from(cap).unwrap_or(u64::MAX);
+    match hint.exact() {
+        Some(n) if n <= cap64 => Plan::Buffer(Mode::Exact(n)),
+        Some(_) => Plan::Stream,
+        None if hint.lower() > cap64 => Plan::Stream,
+        None => Plan::Buffer(Mode::Ready),
+    }
+}
+
+/// The deadline's length: the configured deadline, shortened by an inbound
+/// `grpc-timeout` on gRPC requests.
+fn inbound_deadline(shared: &Shared, info: &Info, parts: &Parts) -> Duration {
+    let configured = shared.deadline;
+    if !info.is_grpc {
+        return configured;
+    }
+    parts
+        .headers
+        .get(grpc::GRPC_TIMEOUT)
+        .and_then(|v| grpc::parse_grpc_timeout(v.as_bytes()))
+        .map_or(configured, |t| t.min(configured))
+}
+
+fn request_span(shared: &Shared, info: &Info) -> Span {
+    tracing::info_span!(
+        "upstream_guard.request",
+        "http.request.method" = %info.method,
+        "server.address" = upstream_name(shared, info),
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+        "upstream_guard.outcome" = tracing::field::Empty,
+        "upstream_guard.attempts" = tracing::field::Empty,
+        "upstream_guard.circuit_state" = tracing::field::Empty,
+    )
+}
+
+fn upstream_name<'a>(shared: &'a Shared, info: &'a Info) -> Option<&'a str> {
+    shared
+        .upstream_name
+        .as_deref()
+        .or(info.authority.as_ref().map(Authority::as_str))
+}
+
+/// What to do after an attempt.
+enum Next<R> {
+    Retry { backoff: Duration },
+    Finish(Attempted<R>),
+}
+
+impl<S, B> Ctx<S, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin,
+{
+    fn facts(&self) -> RequestFacts<'_> {
+        RequestFacts {
+            method: &self.info.method,
+            upstream: upstream_name(&self.shared, &self.info),
+        }
+    }
+
+    fn start_clock(&mut self, now: Instant) {
+        if self.started.is_none() {
+            self.started = Some(now);
+            self.deadline = Some(now + self.budget);
+        }
+        if self.attempt_started.is_none() {
+            self.attempt_started = Some(now);
+        }
+    }
+
+    /// The instant the current attempt must end: its own timeout, capped by the
+    /// deadline. Starts the clock if it has not started yet.
+    fn attempt_end(&mut self) -> (Instant, Instant) {
+        if self.attempt_started.is_none() {
+            self.start_clock(Instant::now());
+        }
+        let now = self.attempt_started.unwrap_or_else(Instant::now);
+        let deadline = self.deadline.unwrap_or(now + self.budget);
+        ((now + self.shared.attempt_timeout).min(deadline), deadline)
+    }
+
+    /// The first attempt's request, from the original head.
+    fn first_request(&mut self, parts: Parts, body: RequestBody<B>) -> Request<RequestBody<B>> {
+        let mut request = Request::from_parts(parts, body);
+        self.set_grpc_timeout(&mut request);
+        request
+    }
+
+    /// Tells a gRPC upstream how long it has: what is left of the deadline, or the
+    /// attempt timeout if that is shorter.
+    fn set_grpc_timeout(&mut self, request: &mut Request<RequestBody<B>>) {
+        if !self.info.is_grpc {
+            return;
+        }
+        let now = Instant::now();
+        let left = self
+            .deadline
+            .map_or(self.budget, |d| d.saturating_duration_since(now))
+            .min(self.shared.attempt_timeout);
+        request
+            .headers_mut()
+            .insert(grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(left));
+    }
+
+    /// Calls the inner service for the next attempt, inside a new attempt span.
+    fn call(&mut self, service: &mut S, request: Request<RequestBody<B>>) -> S::Future {
+        self.attempt += 1;
+        self.armed = false;
+        self.attempt_span = tracing::debug_span!(
+            parent: &self.request_span,
+            "upstream_guard.attempt",
+            "upstream_guard.attempt" = self.attempt,
+            "http.request.resend_count" = tracing::field::Empty,
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        if self.attempt > 1 {
+            self.attempt_span
+                .record("http.request.resend_count", self.attempt - 1);
+        }
+        let _entered = self.attempt_span.enter();
+        service.call(request)
+    }
+
+    /// Reads more of the body being buffered. Gives the first attempt's request
+    /// when done (a replayable one, or a streaming one if the body turned out not to
+    /// be replayable), or the failure if the body broke.
+    fn poll_buffer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Request<RequestBody<B>>, GuardFailure>>
+    where
+        B::Error: Into<BoxError>,
+    {
+        let (Some((_, body)), Some(buffer)) = (self.pending.as_mut(), self.buffer.as_mut()) else {
+            // Buffering state always has both; answer rather than panic if not.
+            return Poll::Ready(Err(self.failure(FailureKind::RequestBody, None)));
+        };
+        loop {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match buffer.feed(frame) {
+                    Fed::More if body.is_end_stream() => break,
+                    Fed::More => continue,
+                    Fed::Overflow => return Poll::Ready(Ok(self.stream_pending())),
+                },
+                Poll::Ready(Some(Err(error))) => {
+                    let source: Arc<dyn Error + Send + Sync> = Arc::from(error.into());
+                    return Poll::Ready(Err(self.failure(FailureKind::RequestBody, Some(source))));
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending if buffer.mode() == Mode::Ready => {
+                    return Poll::Ready(Ok(self.stream_pending()));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let (Some((parts, _body)), Some(buffer)) = (self.pending.take(), self.buffer.take()) else {
+            return Poll::Ready(Err(self.failure(FailureKind::RequestBody, None)));
+        };
+        let replay = buffer.finish();
+        self.head = Some(Head::copy_of(&parts));
+        let request = self.first_request(parts, replay.body());
+        self.replay = Some(replay);
+        Poll::Ready(Ok(request))
+    }
+
+    /// Gives up on buffering: the request streams through once with what was read
+    /// so far in front of the rest of the body.
+    fn stream_pending(&mut self) -> Request<RequestBody<B>> {
+        let prefix = self
+            .buffer
+            .take()
+            .map(BodyBuffer::into_prefix)
+            .unwrap_or_default();
+        // `pending` is always set while buffering; this branch only runs then.
+        let (parts, body) = match self.pending.take() {
+            Some(pending) => pending,
+            None => unreachable_pending(),
+        };
+        // Not replayable, so no retries: the kept service will not be needed.
+        self.service = None;
+        self.first_request(parts, RequestBody::with_prefix(prefix, body))
+    }
+
+    fn failure(
+        &self,
+        kind: FailureKind,
+        source: Option<Arc<dyn Error + Send + Sync>>,
+    ) -> GuardFailure {
+        let upstream = self
+            .shared
+            .upstream_name
+            .clone()
+            .or_else(|| self.info.authority.as_ref().map(|a| Arc::from(a.as_str())));
+        GuardFailure::new(kind, self.attempt)
+            .with_upstream(upstream)
+            .with_request_id(self.info.request_id.clone())
+            .with_source(source)
+    }
+
+    /// Records an attempt's end, then decides between a retry and the answer.
+    fn after_attempt<ResB>(&mut self, attempted: Attempted<S::Response>) -> Next<S::Response>
+    where
+        S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
+    {
+        let outcome = attempted.outcome();
+        self.record_attempt(outcome);
+        let retryable = match outcome {
+            AttemptOutcome::Response { class, .. } => class.is_retryable(),
+            AttemptOutcome::Failure(kind) => self.shared.classifier.is_retryable(kind),
+        };
+        if !retryable || self.attempt >= self.shared.retry.max_attempts {
+            return Next::Finish(attempted);
+        }
+        match self.retry_backoff(&attempted) {
+            Ok(backoff) => {
+                self.shared.observer.on_retry(&RetryEvent {
+                    request: self.facts(),
+                    failed_attempt: self.attempt,
+                    reason: outcome,
+                    backoff,
+                });
+                tracing::debug!(
+                    parent: &self.request_span,
+                    attempt = self.attempt,
+                    backoff_ms = backoff.as_millis() as u64,
+                    reason = %outcome,
+                    "retrying upstream request"
+                );
+                Next::Retry { backoff }
+            }
+            Err(reason) => {
+                self.shared.observer.on_retry_denied(&RetryDeniedEvent {
+                    request: self.facts(),
+                    failed_attempt: self.attempt,
+                    reason,
+                });
+                tracing::debug!(
+                    parent: &self.request_span,
+                    attempt = self.attempt,
+                    reason = reason.as_str(),
+                    "not retrying upstream request"
+                );
+                Next::Finish(attempted)
+            }
+        }
+    }
+
+    fn record_attempt(&self, outcome: AttemptOutcome) {
+        match outcome {
+            AttemptOutcome::Response { status, .. } => {
+                self.attempt_span
+                    .record("http.response.status_code", status.as_u16());
+            }
+            AttemptOutcome::Failure(kind) => {
+                self.attempt_span.record("error.type", kind.as_str());
+            }
+        }
+        self.shared.observer.on_attempt(&AttemptEvent {
+            request: self.facts(),
+            attempt: self.attempt,
+            outcome,
+            started: self.attempt_started,
+        });
+    }
+
+    /// Whether a retry may be made, and after how long; or why not.
+    fn retry_backoff<ResB>(
+        &mut self,
+        attempted: &Attempted<Response<ResB>>,
+    ) -> Result<Duration, RetryDenied> {
+        if self.head.is_none() || self.replay.is_none() || self.service.is_none() {
+            return Err(RetryDenied::BodyNotReplayable);
+        }
+        let never_sent =
+            matches!(attempted, Attempted::Failed(kind, _) if kind.request_never_sent());
+        if !never_sent && !self.info.safe_to_resend {
+            return Err(RetryDenied::NotIdempotent);
+        }
+        let retry = &self.shared.retry;
+        let asked = match attempted {
+            Attempted::Response(response, _, _) => response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| {
+                    crate::retry::parse_retry_after(v.as_bytes(), std::time::SystemTime::now())
+                })
+                .map(|d| d.min(retry.max_retry_after)),
+            Attempted::Failed(..) => None,
+        };
+        let backoff = asked.unwrap_or_else(|| retry.backoff_for(self.attempt));
+        let now = Instant::now();
+        self.start_clock(now);
+        let deadline = self.deadline.unwrap_or(now + self.budget);
+        // A retry must have time to run: the sleep must end before the deadline.
+        if now + backoff >= deadline {
+            return Err(RetryDenied::Deadline);
+        }
+        if let Some(budget) = &self.shared.budget {
+            if !budget.withdraw(now) {
+                return Err(RetryDenied::Budget);
+            }
+        }
+        Ok(backoff)
+    }
+
+    /// Builds the final response from the last attempt's outcome.
+    fn finish<ResB>(
+        &mut self,
+        attempted: Attempted<Response<ResB>>,
+    ) -> Response<ResponseBody<ResB>> {
+        match attempted {
+            Attempted::Response(response, status, class) => {
+                let outcome = if class.is_failure() {
+                    Outcome::UpstreamFailure
+                } else {
+                    Outcome::Success
+                };
+                self.record_response(status, outcome);
+                response.map(ResponseBody::upstream)
+            }
+            Attempted::Failed(kind, source) => {
+                let failure = self.failure(kind, source);
+                self.answer(failure)
+            }
+        }
+    }
+
+    /// Synthesizes the response for a failure, runs the user's hook, and records it.
+    fn answer<ResB>(&mut self, failure: GuardFailure) -> Response<ResponseBody<ResB>> {
+        let flavor = Flavor {
+            is_head: self.info.method == Method::HEAD,
+            is_grpc: self.info.is_grpc,
+            expose_details: self.shared.expose_error_details,
+        };
+        let mut response = synthesize(&failure, flavor);
+        if let Some(hook) = &self.shared.failure_hook {
+            hook(&failure, &mut response);
+        }
+        self.request_span
+            .record("error.type", failure.kind().as_str());
+        self.record_response(response.status(), Outcome::Failure(failure.kind()));
+        response.map(ResponseBody::full)
+    }
+
+    fn record_response(&self, status: StatusCode, outcome: Outcome) {
+        let span = &self.request_span;
+        span.record("http.response.status_code", status.as_u16());
+        span.record("upstream_guard.outcome", outcome.as_str());
+        span.record("upstream_guard.attempts", self.attempt);
+        if outcome == Outcome::UpstreamFailure {
+            span.record("error.type", status.as_str());
+        }
+        self.shared.observer.on_response(&ResponseEvent {
+            request: self.facts(),
+            status,
+            outcome,
+            attempts: self.attempt,
+            started: self.started,
+        });
+    }
+}
+
+#[cold]
+fn unreachable_pending<T>() -> T {
+    // Only reachable if the state machine is broken; fail loudly in tests, and
+    // never silently in release.
+    unreachable!("upstream-guard: buffering without a pending request")
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let ctx = this.ctx;
+        loop {
+            let attempted = match this.state.as_mut().project() {
+                StateProj::Buffering => match ctx.poll_buffer(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(failure)) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(ctx.answer(failure)));
+                    }
+                    Poll::Ready(Ok(request)) => {
+                        let Some(mut service) = ctx.service.take() else {
+                            // A streamed body dropped the kept service: only this
+                            // one call remains, made on a service that is ready.
+                            this.state.set(State::Done);
+                            let failure = ctx.failure(FailureKind::Transport, None);
+                            return Poll::Ready(Ok(ctx.answer(failure)));
+                        };
+                        let future = ctx.call(&mut service, request);
+                        if ctx.head.is_some() {
+                            ctx.service = Some(service);
+                        }
+                        this.state.set(State::Calling { future });
+                        continue;
+                    }
+                },
+                StateProj::Calling { future } => {
+                    let polled = {
+                        let _entered = ctx.attempt_span.enter();
+                        future.poll(cx)
+                    };
+                    match polled {
+                        Poll::Ready(Ok(response)) => {
+                            let status = response.status();
+                            let class = ctx
+                                .shared
+                                .classifier
+                                .classify_response(status, response.headers());
+                            Attempted::Response(response, status, class)
+                        }
+                        Poll::Ready(Err(error)) => {
+                            let error: BoxError = error.into();
+                            let kind = ctx.shared.classifier.error_kind(&*error);
+                            Attempted::failed(kind, error)
+                        }
+                        Poll::Pending => {
+                            if !ctx.armed {
+                                let (end, _) = ctx.attempt_end();
+                                arm(this.timer.as_mut(), end);
+                                ctx.armed = true;
+                            }
+                            match this.timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                                Some(Poll::Ready(())) => {
+                                    let (end, deadline) = ctx.attempt_end();
+                                    let kind = if end >= deadline {
+                                        FailureKind::DeadlineExceeded
+                                    } else {
+                                        FailureKind::AttemptTimeout
+                                    };
+                                    Attempted::Failed(kind, None)
+                                }
+                                _ => return Poll::Pending,
+                            }
+                        }
+                    }
+                }
+                StateProj::Backoff => {
+                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+                        if timer.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    // Between attempts, only the deadline limits waiting for the
+                    // service to be ready.
+                    let deadline = ctx.deadline.unwrap_or_else(|| Instant::now() + ctx.budget);
+                    arm(this.timer.as_mut(), deadline);
+                    this.state.set(State::Readying);
+                    continue;
+                }
+                StateProj::Readying => {
+                    let Some(service) = ctx.service.as_mut() else {
+                        this.state.set(State::Done);
+                        let failure = ctx.failure(FailureKind::Transport, None);
+                        return Poll::Ready(Ok(ctx.answer(failure)));
+                    };
+                    match service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            let now = Instant::now();
+                            ctx.attempt_started = Some(now);
+                            let last = ctx.attempt + 1 >= ctx.shared.retry.max_attempts;
+                            let (Some(head), Some(replay)) =
+                                (ctx.head.as_mut(), ctx.replay.as_ref())
+                            else {
+                                this.state.set(State::Done);
+                                let failure = ctx.failure(FailureKind::Transport, None);
+                                return Poll::Ready(Ok(ctx.answer(failure)));
+                            };
+                            let mut request = head.request(replay.body(), last);
+                            ctx.set_grpc_timeout(&mut request);
+                            // Take the service out to call it while `ctx` is borrowed.
+                            let mut service = match ctx.service.take() {
+                                Some(s) => s,
+                                None => unreachable_pending(),
+                            };
+                            let future = ctx.call(&mut service, request);
+                            ctx.service = Some(service);
+                            ctx.attempt_started = Some(now);
+                            let (end, _) = ctx.attempt_end();
+                            arm(this.timer.as_mut(), end);
+                            ctx.armed = true;
+                            this.state.set(State::Calling { future });
+                            continue;
+                        }
+                        Poll::Ready(Err(error)) => {
+                            let error: BoxError = error.into();
+                            let kind = ctx.shared.classifier.error_kind(&*error);
+                            // The attempt could not even start: count it as one.
+                            ctx.attempt += 1;
+                            Attempted::failed(kind, error)
+                        }
+                        Poll::Pending => match this.timer.as_mut().as_pin_mut().map(|t| t.poll(cx))
+                        {
+                            Some(Poll::Ready(())) => {
+                                this.state.set(State::Done);
+                                let failure = ctx.failure(FailureKind::DeadlineExceeded, None);
+                                return Poll::Ready(Ok(ctx.answer(failure)));
+                            }
+                            _ => return Poll::Pending,
+                        },
+                    }
+                }
+                StateProj::Rejected => {
+                    this.state.set(State::Done);
+                    let (kind, source) = ctx
+                        .rejection
+                        .take()
+                        .unwrap_or((FailureKind::Transport, None));
+                    let failure = ctx.failure(kind, source);
+                    return Poll::Ready(Ok(ctx.answer(failure)));
+                }
+                // Polled after completion: a caller bug. Never panic on the request
+                // path; there is nothing left to return.
+                StateProj::Done => return Poll::Pending,
+            };
+
+            match ctx.after_attempt(attempted) {
+                Next::Retry { backoff } => {
+                    let now = Instant::now();
+                    arm(this.timer.as_mut(), now + backoff);
+                    this.state.set(State::Backoff);
+                }
+                Next::Finish(attempted) => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(ctx.finish(attempted)));
+                }
+            }
+        }
+    }
+}
+
+/// Sets the request's one timer to `at`, creating it the first time.
+fn arm(mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
+    match timer.as_mut().as_pin_mut() {
+        Some(sleep) => sleep.reset(at),
+        None => timer.set(Some(tokio::time::sleep_until(at))),
+    }
+}

@@ -1,0 +1,368 @@
+//! [`UpstreamGuardLayer`], its [`Builder`], and configuration validation.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use tower_layer::Layer;
+
+use crate::classify::{Classify, DefaultClassifier};
+use crate::failure::GuardFailure;
+use crate::observe::{NoopObserver, Observer};
+use crate::retry::{Retry, RetryBudget};
+use crate::service::UpstreamGuard;
+
+/// A hook that may change or replace any response the guard synthesizes.
+type FailureHook = dyn Fn(&GuardFailure, &mut Response<Bytes>) + Send + Sync;
+
+/// Everything every service built from one layer shares: configuration and state
+/// (budget, breakers, observer). Created once in [`Builder::build`], so that axum's
+/// per-route `Layer::layer` calls and per-request service clones all see one state.
+pub(crate) struct Shared {
+    pub(crate) attempt_timeout: Duration,
+    pub(crate) deadline: Duration,
+    pub(crate) retry: Retry,
+    pub(crate) upstream_name: Option<Arc<str>>,
+    pub(crate) expose_error_details: bool,
+    pub(crate) classifier: Box<dyn Classify>,
+    pub(crate) observer: Box<dyn Observer>,
+    pub(crate) failure_hook: Option<Box<FailureHook>>,
+    pub(crate) budget: Option<RetryBudget>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("deadline", &self.deadline)
+            .field("retry", &self.retry)
+            .field("upstream_name", &self.upstream_name)
+            .field("expose_error_details", &self.expose_error_details)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Layer`] that wraps a service calling an upstream with timeouts, retries and
+/// failure-to-response mapping. See the [crate docs](crate) for the whole picture.
+///
+/// Cloning is cheap (one reference count), and every clone, and every service it
+/// makes, shares one state: the retry budget and the observer.
+///
+/// ```
+/// use std::time::Duration;
+/// use upstream_guard::{Retry, UpstreamGuardLayer};
+///
+/// let layer = UpstreamGuardLayer::builder()
+///     .attempt_timeout(Duration::from_millis(800))
+///     .deadline(Duration::from_secs(3))
+///     .retry(Retry::default().max_attempts(3))
+///     .build()?;
+/// # Ok::<(), upstream_guard::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct UpstreamGuardLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for UpstreamGuardLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamGuardLayer")
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl UpstreamGuardLayer {
+    /// A layer with the default configuration; see [`Builder`] for the defaults.
+    pub fn new() -> Self {
+        Builder::default().build_unchecked()
+    }
+
+    /// Starts configuring a layer.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+impl Default for UpstreamGuardLayer {
+    fn default() -> Self {
+        UpstreamGuardLayer::new()
+    }
+}
+
+impl<S> Layer<S> for UpstreamGuardLayer {
+    type Service = UpstreamGuard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UpstreamGuard::new(inner, self.shared.clone())
+    }
+}
+
+/// Configures an [`UpstreamGuardLayer`].
+///
+/// Defaults, chosen to be safe in production:
+///
+/// | option | default | why |
+/// |---|---|---|
+/// | [`attempt_timeout`](Builder::attempt_timeout) | 5 s | three attempts fit in the deadline |
+/// | [`deadline`](Builder::deadline) | 15 s | Envoy's route timeout; below most clients' own |
+/// | [`retry`](Builder::retry) | [`Retry::default()`] | 3 attempts, jittered backoff, 20 % budget |
+/// | [`classifier`](Builder::classifier) | [`DefaultClassifier`] | 5xx fail, 502/503/504 retry |
+/// | [`expose_error_details`](Builder::expose_error_details) | off | never leak internals |
+///
+/// [`build`](Builder::build) checks the configuration and names the offending
+/// field in its error; it never panics.
+pub struct Builder {
+    attempt_timeout: Duration,
+    deadline: Duration,
+    retry: Retry,
+    upstream_name: Option<Arc<str>>,
+    expose_error_details: bool,
+    classifier: Box<dyn Classify>,
+    observer: Box<dyn Observer>,
+    failure_hook: Option<Box<FailureHook>>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(15),
+            retry: Retry::default(),
+            upstream_name: None,
+            expose_error_details: false,
+            classifier: Box::new(DefaultClassifier::new()),
+            observer: Box::new(NoopObserver),
+            failure_hook: None,
+        }
+    }
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("deadline", &self.deadline)
+            .field("retry", &self.retry)
+            .field("upstream_name", &self.upstream_name)
+            .field("expose_error_details", &self.expose_error_details)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// How long one attempt may wait for response headers. Once headers arrive,
+    /// the body streams without this limit.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// How long the whole request may take in the guard: all attempts and the
+    /// backoff sleeps between them. An inbound `grpc-timeout` can shorten it.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The retry policy; [`Retry::disabled()`] turns retries off.
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Names the upstream in error bodies, spans and metrics, instead of the
+    /// request URI's authority. Useful when the guard sits in an axum router, where
+    /// requests carry only a path.
+    pub fn upstream_name(mut self, name: impl Into<String>) -> Self {
+        self.upstream_name = Some(Arc::from(name.into()));
+        self
+    }
+
+    /// Puts the inner error's text in synthesized bodies (`detail`, `grpc-message`).
+    /// Off by default: error texts can name internal hosts and addresses.
+    pub fn expose_error_details(mut self, expose: bool) -> Self {
+        self.expose_error_details = expose;
+        self
+    }
+
+    /// Decides what counts as a failure and what may be retried.
+    pub fn classifier(mut self, classifier: impl Classify) -> Self {
+        self.classifier = Box::new(classifier);
+        self
+    }
+
+    /// Receives events for metrics; see [`Observer`].
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Box::new(observer);
+        self
+    }
+
+    /// Changes or replaces every response the guard synthesizes. The hook gets the
+    /// failure and the ready-made response (problem+json or gRPC), and may edit it
+    /// or assign a whole new one.
+    ///
+    /// ```
+    /// use upstream_guard::UpstreamGuardLayer;
+    ///
+    /// let layer = UpstreamGuardLayer::builder()
+    ///     .map_failure_response(|failure, response| {
+    ///         response.headers_mut().insert("x-guard-failure", failure.kind().as_str().parse().unwrap());
+    ///     })
+    ///     .build();
+    /// ```
+    pub fn map_failure_response<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&GuardFailure, &mut Response<Bytes>) + Send + Sync + 'static,
+    {
+        self.failure_hook = Some(Box::new(hook));
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<UpstreamGuardLayer, ConfigError> {
+        self.validate()?;
+        Ok(self.build_unchecked())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.attempt_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "attempt_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.deadline.is_zero() {
+            return Err(ConfigError::new("deadline", "must be greater than zero"));
+        }
+        if self.deadline < self.attempt_timeout {
+            return Err(ConfigError::new(
+                "deadline",
+                format!(
+                    "({:?}) must not be shorter than attempt_timeout ({:?})",
+                    self.deadline, self.attempt_timeout
+                ),
+            ));
+        }
+        if let Some(name) = &self.upstream_name {
+            if name.is_empty() {
+                return Err(ConfigError::new("upstream_name", "must not be empty"));
+            }
+        }
+        validate_retry(&self.retry)
+    }
+
+    fn build_unchecked(self) -> UpstreamGuardLayer {
+        let budget = self.retry.budget.map(RetryBudget::new);
+        UpstreamGuardLayer {
+            shared: Arc::new(Shared {
+                attempt_timeout: self.attempt_timeout,
+                deadline: self.deadline,
+                retry: self.retry,
+                upstream_name: self.upstream_name,
+                expose_error_details: self.expose_error_details,
+                classifier: self.classifier,
+                observer: self.observer,
+                failure_hook: self.failure_hook,
+                budget,
+            }),
+        }
+    }
+}
+
+/// The most attempts a request may get: more only multiplies load on an upstream
+/// that is already failing.
+const MAX_ATTEMPTS: u32 = 10;
+
+/// The largest body the guard will hold per request for replay.
+const MAX_REPLAY_BODY: usize = 16 * 1024 * 1024;
+
+fn validate_retry(retry: &Retry) -> Result<(), ConfigError> {
+    if retry.max_attempts == 0 {
+        return Err(ConfigError::new(
+            "retry.max_attempts",
+            "must be at least 1 (1 means no retries)",
+        ));
+    }
+    if retry.max_attempts > MAX_ATTEMPTS {
+        return Err(ConfigError::new(
+            "retry.max_attempts",
+            format!("must be at most {MAX_ATTEMPTS}, got {}", retry.max_attempts),
+        ));
+    }
+    if retry.backoff_base.is_zero() {
+        return Err(ConfigError::new(
+            "retry.backoff_base",
+            "must be greater than zero",
+        ));
+    }
+    if retry.backoff_max < retry.backoff_base {
+        return Err(ConfigError::new(
+            "retry.backoff_max",
+            "must not be shorter than retry.backoff_base",
+        ));
+    }
+    if retry.max_replay_body > MAX_REPLAY_BODY {
+        return Err(ConfigError::new(
+            "retry.max_replay_body",
+            format!("must be at most {MAX_REPLAY_BODY} bytes"),
+        ));
+    }
+    if let Some(budget) = &retry.budget {
+        if !budget.ratio.is_finite() || !(0.0..=1000.0).contains(&budget.ratio) {
+            return Err(ConfigError::new(
+                "retry.budget.ratio",
+                format!("must be a number from 0 to 1000, got {}", budget.ratio),
+            ));
+        }
+        if budget.ttl < Duration::from_secs(1) || budget.ttl > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "retry.budget.window",
+                "must be from 1 to 60 seconds",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An invalid configuration value. [`ConfigError::field`] names it the way the
+/// builder and config files do (e.g. `retry.max_attempts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
+        ConfigError {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// The offending field.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// What is wrong with it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid upstream-guard configuration: `{}` {}",
+            self.field, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}

@@ -1,0 +1,265 @@
+//! What the guard keeps of a request so it can send it again.
+//!
+//! The guard never clones a whole `Request`: it keeps the head (method, URI,
+//! version, headers, extensions) and, for a body small enough to replay, the bytes
+//! as one [`Bytes`] shared by every attempt (a reference-count bump, never a copy).
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http_body::Frame;
+
+use crate::body::{into_bytes, RequestBody};
+
+/// A copy of a request's head, to rebuild the request for a retry.
+#[derive(Debug)]
+pub(crate) struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+impl Head {
+    pub(crate) fn copy_of(parts: &Parts) -> Head {
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            extensions: parts.extensions.clone(),
+        }
+    }
+
+    /// Builds a request for another attempt. `last` moves the head out instead of
+    /// cloning it, for the final attempt.
+    pub(crate) fn request<B>(
+        &mut self,
+        body: RequestBody<B>,
+        last: bool,
+    ) -> Request<RequestBody<B>> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        if last {
+            *request.headers_mut() = std::mem::take(&mut self.headers);
+            *request.extensions_mut() = std::mem::take(&mut self.extensions);
+        } else {
+            *request.headers_mut() = self.headers.clone();
+            *request.extensions_mut() = self.extensions.clone();
+        }
+        request
+    }
+}
+
+/// A buffered request body, sent again on each attempt.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReplayBody {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl ReplayBody {
+    pub(crate) fn body<B>(&self) -> RequestBody<B> {
+        RequestBody::replay(self.data.clone(), self.trailers.clone())
+    }
+}
+
+/// How the buffer treats a body that is not yet complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The body declared an exact length within the cap: wait for all of it.
+    Exact(u64),
+    /// The body's length is unknown: take only what is ready now; the moment it
+    /// would make us wait, give up and stream it (it may be a real stream whose
+    /// next bytes depend on the response).
+    Ready,
+}
+
+/// What feeding a frame to the buffer decided.
+pub(crate) enum Fed {
+    /// Keep reading.
+    More,
+    /// The body broke its declared length, or outgrew the cap: stream it.
+    Overflow,
+}
+
+/// Accumulates a request body for replay, bounded by the replay cap.
+#[derive(Debug)]
+pub(crate) struct BodyBuffer {
+    mode: Mode,
+    cap: usize,
+    first: Option<Bytes>,
+    rest: BytesMut,
+    len: usize,
+    trailers: Option<HeaderMap>,
+}
+
+impl BodyBuffer {
+    pub(crate) fn new(mode: Mode, cap: usize) -> BodyBuffer {
+        BodyBuffer {
+            mode,
+            cap,
+            first: None,
+            rest: BytesMut::new(),
+            len: 0,
+            trailers: None,
+        }
+    }
+
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Adds one frame of the body.
+    pub(crate) fn feed<D: bytes::Buf>(&mut self, frame: Frame<D>) -> Fed {
+        let frame = frame.map_data(into_bytes);
+        match frame.into_data() {
+            Ok(data) => {
+                self.len += data.len();
+                let limit = match self.mode {
+                    Mode::Exact(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                    Mode::Ready => self.cap,
+                };
+                // Keep the data even on overflow: it becomes the streamed prefix.
+                self.push(data);
+                if self.len > limit || self.len > self.cap {
+                    Fed::Overflow
+                } else {
+                    Fed::More
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    match &mut self.trailers {
+                        Some(existing) => existing.extend(trailers),
+                        None => self.trailers = Some(trailers),
+                    }
+                }
+                Fed::More
+            }
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        // The common case, one chunk holding the whole body, keeps that chunk
+        // as it is: no copy at all.
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(data),
+            first => {
+                if self.rest.is_empty() {
+                    let hint = match self.mode {
+                        Mode::Exact(n) => usize::try_from(n).unwrap_or(self.cap),
+                        Mode::Ready => 0,
+                    };
+                    self.rest.reserve(hint.min(self.cap).max(self.len));
+                }
+                if let Some(first) = first {
+                    self.rest.extend_from_slice(&first);
+                }
+                self.rest.extend_from_slice(&data);
+            }
+        }
+    }
+
+    /// Everything read so far, as one buffer.
+    fn bytes(&mut self) -> Bytes {
+        match self.first.take() {
+            Some(first) => first,
+            None => std::mem::take(&mut self.rest).freeze(),
+        }
+    }
+
+    /// The complete body, for replay.
+    pub(crate) fn finish(mut self) -> ReplayBody {
+        ReplayBody {
+            data: self.bytes(),
+            trailers: self.trailers.take(),
+        }
+    }
+
+    /// What was read before giving up, to be sent ahead of the rest of the body.
+    /// Trailers cannot have been read yet (they end a body), so nothing is lost.
+    pub(crate) fn into_prefix(mut self) -> Bytes {
+        self.bytes()
+    }
+}
+
+/// Whether a header value is a usable request id to echo: printable ASCII and at
+/// most 128 bytes. Anything else is left out of error bodies rather than trimmed.
+pub(crate) fn usable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(s: &'static [u8]) -> Frame<Bytes> {
+        Frame::data(Bytes::from_static(s))
+    }
+
+    #[test]
+    fn a_single_chunk_is_kept_without_copying() {
+        let chunk = Bytes::from(vec![7u8; 1000]);
+        let ptr = chunk.as_ptr();
+        let mut buf = BodyBuffer::new(Mode::Exact(1000), 64 * 1024);
+        assert!(matches!(buf.feed(Frame::data(chunk)), Fed::More));
+        let replay = buf.finish();
+        assert_eq!(replay.data.as_ptr(), ptr);
+    }
+
+    #[test]
+    fn chunks_are_joined_in_order() {
+        let mut buf = BodyBuffer::new(Mode::Exact(11), 64);
+        buf.feed(data(b"hello"));
+        buf.feed(data(b" "));
+        buf.feed(data(b"world"));
+        assert_eq!(buf.finish().data, "hello world");
+    }
+
+    #[test]
+    fn a_body_longer_than_declared_overflows_and_keeps_every_byte() {
+        let mut buf = BodyBuffer::new(Mode::Exact(4), 64);
+        assert!(matches!(buf.feed(data(b"abc")), Fed::More));
+        assert!(matches!(buf.feed(data(b"defg")), Fed::Overflow));
+        assert_eq!(buf.into_prefix(), "abcdefg");
+    }
+
+    #[test]
+    fn unknown_length_overflows_past_the_cap() {
+        let mut buf = BodyBuffer::new(Mode::Ready, 4);
+        assert!(matches!(buf.feed(data(b"abcd")), Fed::More));
+        assert!(matches!(buf.feed(data(b"e")), Fed::Overflow));
+        assert_eq!(buf.into_prefix(), "abcde");
+    }
+
+    #[test]
+    fn trailers_are_kept_for_replay() {
+        let mut buf = BodyBuffer::new(Mode::Ready, 64);
+        buf.feed(data(b"x"));
+        let mut t = HeaderMap::new();
+        t.insert("x-sum", "1".parse().unwrap());
+        buf.feed(Frame::<Bytes>::trailers(t));
+        let replay = buf.finish();
+        assert_eq!(replay.trailers.unwrap()["x-sum"], "1");
+    }
+
+    #[test]
+    fn request_ids_must_be_short_printable_ascii() {
+        assert!(usable_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!usable_request_id(&HeaderValue::from_static("")));
+        assert!(!usable_request_id(
+            &HeaderValue::from_bytes(&[b'a'; 129]).unwrap()
+        ));
+        assert!(!usable_request_id(
+            &HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap()
+        ));
+    }
+}

@@ -1,0 +1,430 @@
+//! Retry policy: how many attempts, how long to wait between them, which requests
+//! are safe to send twice, and how many retries the upstream is allowed to absorb.
+//!
+//! The rules follow the best proxies:
+//!
+//! - **Backoff** is exponential with *full jitter* (a uniformly random sleep between
+//!   zero and `min(max, base × 2ⁿ)`), which spreads retries from many clients
+//!   instead of synchronising them. An upstream `Retry-After` (seconds or HTTP-date)
+//!   replaces the backoff, capped by [`Retry::max_retry_after`]. No sleep ever ends
+//!   past the deadline: if it would, the guard stops and answers with what it has.
+//! - **Safety**: a request that may have reached the upstream is retried only if its
+//!   method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) or it carries an
+//!   `Idempotency-Key` header. A request that provably never left (connection
+//!   refused) is retried whatever its method.
+//! - **Budget** (Finagle/Linkerd style): retries may be at most `ratio` of the
+//!   requests seen in the last `ttl`, plus `min_per_second × ttl`, so a failing
+//!   upstream gets at most `(1 + ratio)` times its normal load, not `max_attempts`
+//!   times.
+//! - **Body replay**: a request body is buffered for replay only when it is
+//!   already complete in memory or declares an exact length no larger than
+//!   [`Retry::max_replay_body`]; anything else streams through once, untouched,
+//!   and that request is not retried.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Method};
+use tokio::time::Instant;
+
+/// Retry configuration. `Retry::default()` is production-sane: 3 attempts in
+/// total, 25 ms → 1 s full-jitter backoff, a 20 % retry budget with a floor of 10
+/// retries per second over a 10 s window, `Retry-After` honored up to 5 s, bodies
+/// up to 64 KiB replayed.
+///
+/// ```
+/// use std::time::Duration;
+/// use upstream_guard::Retry;
+///
+/// let retry = Retry::default()
+///     .max_attempts(4)
+///     .backoff(Duration::from_millis(50), Duration::from_secs(2))
+///     .budget(0.1, 5);
+/// # let _ = upstream_guard::UpstreamGuardLayer::builder().retry(retry).build().unwrap();
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retry {
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) budget: Option<BudgetConfig>,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) max_replay_body: usize,
+}
+
+/// Retry budget parameters; see [`Retry::budget`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct BudgetConfig {
+    pub(crate) ratio: f64,
+    pub(crate) min_per_second: u32,
+    pub(crate) ttl: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            budget: Some(BudgetConfig {
+                ratio: 0.2,
+                min_per_second: 10,
+                ttl: Duration::from_secs(10),
+            }),
+            max_retry_after: Duration::from_secs(5),
+            max_replay_body: 64 * 1024,
+        }
+    }
+}
+
+impl Retry {
+    /// No retries: every request gets exactly one attempt, and bodies are never
+    /// buffered.
+    pub fn disabled() -> Self {
+        Retry {
+            max_attempts: 1,
+            ..Retry::default()
+        }
+    }
+
+    /// Total attempts per request, the first included (default 3; 1 disables
+    /// retries; at most 10).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Exponential backoff: the n-th retry sleeps a uniformly random time in
+    /// `[0, min(max, base × 2ⁿ⁻¹)]` (full jitter). Defaults: 25 ms and 1 s.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// The retry budget: retries may be at most `ratio` of the requests of the last
+    /// 10 seconds, plus `min_per_second` retries per second (so a quiet client can
+    /// still retry). Defaults: 0.2 and 10.
+    pub fn budget(mut self, ratio: f64, min_per_second: u32) -> Self {
+        let ttl = self.budget.map_or(Duration::from_secs(10), |b| b.ttl);
+        self.budget = Some(BudgetConfig {
+            ratio,
+            min_per_second,
+            ttl,
+        });
+        self
+    }
+
+    /// How long deposits into the retry budget count (default 10 s, 1 to 60 s).
+    pub fn budget_window(mut self, ttl: Duration) -> Self {
+        let mut budget = self.budget.unwrap_or(BudgetConfig {
+            ratio: 0.2,
+            min_per_second: 10,
+            ttl,
+        });
+        budget.ttl = ttl;
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Turns the retry budget off: every retryable failure is retried up to
+    /// `max_attempts`. Only do this when something else bounds retry load.
+    pub fn no_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// The longest upstream `Retry-After` the guard will wait for before a retry
+    /// (default 5 s). Longer values are capped to this.
+    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// The largest request body buffered for replay (default 64 KiB). Larger bodies,
+    /// or bodies of unknown length that are not already complete, stream through
+    /// once and the request is not retried.
+    pub fn max_replay_body(mut self, bytes: usize) -> Self {
+        self.max_replay_body = bytes;
+        self
+    }
+
+    /// Whether more than one attempt is allowed.
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_attempts > 1
+    }
+
+    /// The full-jitter backoff before retry number `retry` (1 for the first retry).
+    pub(crate) fn backoff_for(&self, retry: u32) -> Duration {
+        let ceiling = backoff_ceiling(self.backoff_base, self.backoff_max, retry);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+}
+
+/// `min(max, base × 2^(retry-1))`, without overflow.
+pub(crate) fn backoff_ceiling(base: Duration, max: Duration, retry: u32) -> Duration {
+    let shift = retry.saturating_sub(1).min(32);
+    base.checked_mul(1u32 << shift.min(31))
+        .map_or(max, |d| d.min(max))
+}
+
+/// Whether a method is idempotent per RFC 9110 §9.2.2.
+pub(crate) fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether a request may be retried after it may have reached the upstream.
+pub(crate) fn is_safe_to_resend(method: &Method, headers: &HeaderMap) -> bool {
+    is_idempotent(method) || headers.contains_key("idempotency-key")
+}
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP-date (relative to `now`).
+/// Garbage, negative numbers and dates in the past give `None` (no wait requested).
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        // Saturate absurdly long values instead of failing: they get capped anyway.
+        let secs = text.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(text).ok()?;
+    when.duration_since(now).ok()
+}
+
+/// How many stripes the budget spreads its deposit counter over, so that threads
+/// depositing concurrently rarely write the same cache line.
+const STRIPES: usize = 8;
+
+/// Keeps two counters on separate cache lines.
+#[repr(align(64))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+/// One second of budget history.
+struct Slot {
+    deposits: [Padded; STRIPES],
+    withdrawals: AtomicU64,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            deposits: Default::default(),
+            withdrawals: AtomicU64::new(0),
+        }
+    }
+
+    fn clear(&self) {
+        for d in &self.deposits {
+            d.0.store(0, Ordering::Relaxed);
+        }
+        self.withdrawals.store(0, Ordering::Relaxed);
+    }
+
+    fn deposits(&self) -> u64 {
+        self.deposits
+            .iter()
+            .map(|d| d.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// The stripe this thread deposits into.
+fn stripe() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        let mut i = s.get();
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            s.set(i);
+        }
+        i
+    })
+}
+
+/// A lock-free retry budget over a sliding window of one-second slots.
+///
+/// Deposits happen on every request and must be cheap: one relaxed load of the
+/// current slot index and one relaxed add on a per-thread stripe, with no clock
+/// read. Time only moves forward when someone reads the clock anyway (a retry
+/// decision), which then clears the slots that fell out of the window. Withdrawals
+/// reserve first and check after, so concurrent withdrawals can never overspend.
+pub(crate) struct RetryBudget {
+    ratio: f64,
+    reserve: u64,
+    start: Instant,
+    /// The newest second (since `start`) that any caller has observed.
+    current: AtomicU64,
+    slots: Box<[Slot]>,
+}
+
+impl RetryBudget {
+    pub(crate) fn new(config: BudgetConfig) -> Self {
+        let seconds = config.ttl.as_secs().clamp(1, 60);
+        let slots = (0..seconds).map(|_| Slot::new()).collect::<Vec<_>>();
+        RetryBudget {
+            ratio: config.ratio,
+            reserve: u64::from(config.min_per_second) * seconds,
+            start: Instant::now(),
+            current: AtomicU64::new(0),
+            slots: slots.into_boxed_slice(),
+        }
+    }
+
+    fn slot(&self, second: u64) -> &Slot {
+        // `slots` is never empty (at least one second), so the index is in range.
+        &self.slots[(second % self.slots.len() as u64) as usize]
+    }
+
+    /// Records one request.
+    pub(crate) fn deposit(&self) {
+        let second = self.current.load(Ordering::Relaxed);
+        self.slot(second).deposits[stripe()]
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Moves the window forward to `now`, clearing slots that expired.
+    fn advance(&self, now: Instant) {
+        let second = now.saturating_duration_since(self.start).as_secs();
+        let mut seen = self.current.load(Ordering::Relaxed);
+        while second > seen {
+            match self
+                .current
+                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    // We own the move from `seen` to `second`: clear the slots in
+                    // between (at most one full lap).
+                    let len = self.slots.len() as u64;
+                    for s in (seen + 1)..=second.min(seen + len) {
+                        self.slot(s).clear();
+                    }
+                    return;
+                }
+                Err(actual) => seen = actual,
+            }
+        }
+    }
+
+    /// Tries to take one retry out of the budget.
+    pub(crate) fn withdraw(&self, now: Instant) -> bool {
+        self.advance(now);
+        let current = self.slot(self.current.load(Ordering::Relaxed));
+        // Reserve first, then check: two racing withdrawals cannot both succeed on
+        // the last token (at worst both fail).
+        current.withdrawals.fetch_add(1, Ordering::AcqRel);
+        let (deposits, withdrawals) = self.slots.iter().fold((0u64, 0u64), |(d, w), s| {
+            (d + s.deposits(), w + s.withdrawals.load(Ordering::Acquire))
+        });
+        let allowed = (deposits as f64 * self.ratio) as u64 + self.reserve;
+        if withdrawals <= allowed {
+            true
+        } else {
+            current.withdrawals.fetch_sub(1, Ordering::AcqRel);
+            false
+        }
+    }
+}
+
+impl std::fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ratio", &self.ratio)
+            .field("reserve", &self.reserve)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_methods_per_rfc_9110() {
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
+            assert!(is_idempotent(&m.parse().unwrap()), "{m}");
+        }
+        for m in ["POST", "PATCH", "CONNECT", "PURGE"] {
+            assert!(!is_idempotent(&m.parse().unwrap()), "{m}");
+        }
+    }
+
+    #[test]
+    fn idempotency_key_makes_a_post_safe_to_resend() {
+        let mut headers = HeaderMap::new();
+        assert!(!is_safe_to_resend(&Method::POST, &headers));
+        headers.insert("idempotency-key", "k1".parse().unwrap());
+        assert!(is_safe_to_resend(&Method::POST, &headers));
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after(b"3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(b" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(
+            parse_retry_after(later.as_bytes(), now),
+            Some(Duration::from_secs(7))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(parse_retry_after(past.as_bytes(), now), None);
+        for bad in [&b"-1"[..], b"soon", b"", b"1.5", b"\xff"] {
+            assert_eq!(parse_retry_after(bad, now), None);
+        }
+        assert_eq!(
+            parse_retry_after(b"99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn backoff_ceiling_doubles_then_caps() {
+        let base = Duration::from_millis(25);
+        let max = Duration::from_secs(1);
+        assert_eq!(backoff_ceiling(base, max, 1), Duration::from_millis(25));
+        assert_eq!(backoff_ceiling(base, max, 2), Duration::from_millis(50));
+        assert_eq!(backoff_ceiling(base, max, 3), Duration::from_millis(100));
+        assert_eq!(backoff_ceiling(base, max, 10), max);
+        assert_eq!(backoff_ceiling(base, max, u32::MAX), max);
+    }
+
+    #[test]
+    fn budget_allows_ratio_of_deposits_plus_reserve() {
+        let budget = RetryBudget::new(BudgetConfig {
+            ratio: 0.25,
+            min_per_second: 0,
+            ttl: Duration::from_secs(10),
+        });
+        let now = Instant::now();
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let granted = (0..100).filter(|_| budget.withdraw(now)).count();
+        assert_eq!(granted, 25);
+    }
+
+    #[test]
+    fn budget_reserve_is_per_second_over_the_window() {
+        let budget = RetryBudget::new(BudgetConfig {
+            ratio: 0.0,
+            min_per_second: 2,
+            ttl: Duration::from_secs(3),
+        });
+        let granted = (0..100).filter(|_| budget.withdraw(Instant::now())).count();
+        assert_eq!(granted, 6);
+    }
+}

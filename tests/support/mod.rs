@@ -1,0 +1,8 @@
+//! Shared helpers for the integration tests.
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code, unused_imports)]
+
+pub mod guard;
+pub mod spans;
+pub mod upstream;
