@@ -476,8 +476,6 @@ where
             Some(pending) => pending,
             None => unreachable_pending(),
         };
-        // Not replayable, so no retries: the kept service will not be needed.
-        self.service = None;
         self.first_request(parts, RequestBody::with_prefix(prefix, body))
     }
 
@@ -689,13 +687,13 @@ where
                     }
                     Poll::Ready(Ok(request)) => {
                         let Some(mut service) = ctx.service.take() else {
-                            // A streamed body dropped the kept service: only this
-                            // one call remains, made on a service that is ready.
+                            // Buffering always keeps the ready service for this call.
                             this.state.set(State::Done);
                             let failure = ctx.failure(FailureKind::Transport, None);
                             return Poll::Ready(Ok(ctx.answer(failure)));
                         };
                         let future = ctx.call(&mut service, request);
+                        // Keep the service only if the request can be sent again.
                         if ctx.head.is_some() {
                             ctx.service = Some(service);
                         }

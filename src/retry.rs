@@ -427,4 +427,95 @@ mod tests {
         let granted = (0..100).filter(|_| budget.withdraw(Instant::now())).count();
         assert_eq!(granted, 6);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn backoff_is_within_zero_and_the_capped_exponential(
+                base_ms in 1u64..1_000,
+                extra_ms in 0u64..10_000,
+                retry in 1u32..64,
+            ) {
+                let base = Duration::from_millis(base_ms);
+                let max = base + Duration::from_millis(extra_ms);
+                let policy = Retry::default().backoff(base, max);
+                let ceiling = backoff_ceiling(base, max, retry);
+                prop_assert!(ceiling <= max);
+                prop_assert!(ceiling >= base.min(max));
+                let exp = base.saturating_mul(1u32 << (retry - 1).min(31));
+                prop_assert_eq!(ceiling, exp.min(max));
+                for _ in 0..8 {
+                    prop_assert!(policy.backoff_for(retry) <= ceiling);
+                }
+            }
+
+            #[test]
+            fn budget_never_grants_more_than_ratio_times_deposits_plus_reserve(
+                ratio in 0.0f64..2.0,
+                min_per_second in 0u32..20,
+                ttl_secs in 1u64..20,
+                ops in proptest::collection::vec(any::<bool>(), 0..400),
+            ) {
+                let budget = RetryBudget::new(BudgetConfig {
+                    ratio,
+                    min_per_second,
+                    ttl: Duration::from_secs(ttl_secs),
+                });
+                let now = Instant::now();
+                let (mut deposits, mut granted) = (0u64, 0u64);
+                for deposit in ops {
+                    if deposit {
+                        budget.deposit();
+                        deposits += 1;
+                    } else if budget.withdraw(now) {
+                        granted += 1;
+                    }
+                    let allowed = (deposits as f64 * ratio) as u64
+                        + u64::from(min_per_second) * ttl_secs;
+                    prop_assert!(granted <= allowed, "granted {} > allowed {}", granted, allowed);
+                }
+            }
+        }
+
+        #[test]
+        fn concurrent_withdrawals_never_overspend() {
+            let budget = std::sync::Arc::new(RetryBudget::new(BudgetConfig {
+                ratio: 0.0,
+                min_per_second: 5,
+                ttl: Duration::from_secs(10),
+            }));
+            let now = Instant::now();
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let budget = budget.clone();
+                    std::thread::spawn(move || (0..1000).filter(|_| budget.withdraw(now)).count())
+                })
+                .collect();
+            let granted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert_eq!(granted, 50);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn old_deposits_leave_the_window() {
+            let budget = RetryBudget::new(BudgetConfig {
+                ratio: 1.0,
+                min_per_second: 0,
+                ttl: Duration::from_secs(2),
+            });
+            for _ in 0..10 {
+                budget.deposit();
+            }
+            tokio::time::advance(Duration::from_secs(5)).await;
+            assert!(
+                !budget.withdraw(Instant::now()),
+                "deposits 5 s old are gone"
+            );
+            budget.deposit();
+            assert!(budget.withdraw(Instant::now()));
+            assert!(!budget.withdraw(Instant::now()));
+        }
+    }
 }

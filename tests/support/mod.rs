@@ -4,5 +4,6 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod guard;
+pub mod observer;
 pub mod spans;
 pub mod upstream;
