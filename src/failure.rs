@@ -190,8 +190,6 @@ impl GuardFailure {
         self
     }
 
-    // Used by the circuit breaker's rejections.
-    #[allow(dead_code)]
     pub(crate) fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
         self.retry_after = retry_after;
         self

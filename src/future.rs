@@ -33,13 +33,14 @@ use tower_service::Service;
 use tracing::Span;
 
 use crate::body::{RequestBody, ResponseBody};
+use crate::breaker::{Admit, KeyCache, Record, Target, Ticket, Transition};
 use crate::classify::ResponseClass;
 use crate::failure::{FailureKind, GuardFailure};
 use crate::grpc;
 use crate::layer::Shared;
 use crate::observe::{
-    AttemptEvent, AttemptOutcome, Outcome, RequestFacts, ResponseEvent, RetryDenied,
-    RetryDeniedEvent, RetryEvent,
+    AttemptEvent, AttemptOutcome, CircuitEvent, Outcome, RejectedEvent, RequestFacts,
+    ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
 };
 use crate::replay::{usable_request_id, BodyBuffer, Fed, Head, Mode, ReplayBody};
 use crate::response::{synthesize, Flavor};
@@ -157,9 +158,31 @@ where
     budget: Duration,
     /// Whether the timer is armed for the current attempt.
     armed: bool,
-    rejection: Option<(FailureKind, Option<Arc<dyn Error + Send + Sync>>)>,
+    rejection: Option<Rejection>,
+    /// The request's hold on its circuit breaker.
+    ticket: Option<Ticket>,
     request_span: Span,
     attempt_span: Span,
+}
+
+/// Why a request is answered without (another) upstream call.
+struct Rejection {
+    kind: FailureKind,
+    source: Option<Arc<dyn Error + Send + Sync>>,
+    retry_after: Option<Duration>,
+}
+
+impl<S, B> Drop for Ctx<S, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+{
+    /// A request dropped mid-flight (the client went away) gives back its
+    /// half-open probe and concurrency permit, so neither can leak.
+    fn drop(&mut self) {
+        if let (Some(ticket), Some(breakers)) = (self.ticket.as_mut(), &self.shared.breakers) {
+            breakers.release(ticket);
+        }
+    }
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -170,7 +193,12 @@ where
 {
     /// Starts a guarded request: the first attempt is made right away unless the
     /// body has to be buffered first.
-    pub(crate) fn start(request: Request<B>, inner: &mut S, shared: Arc<Shared>) -> Self {
+    pub(crate) fn start(
+        request: Request<B>,
+        inner: &mut S,
+        shared: Arc<Shared>,
+        key_cache: &mut KeyCache,
+    ) -> Self {
         let (mut parts, body) = request.into_parts();
         let info = Info::new(&parts);
         let budget = inbound_deadline(&shared, &info, &parts);
@@ -191,11 +219,20 @@ where
             budget,
             armed: false,
             rejection: None,
+            ticket: None,
             request_span,
             attempt_span: Span::none(),
             info,
             shared,
         };
+        if let Some(rejection) = ctx.admit(&parts, key_cache) {
+            ctx.rejection = Some(rejection);
+            return ResponseFuture {
+                state: State::Rejected,
+                timer: None,
+                ctx,
+            };
+        }
         if ctx.info.is_grpc {
             // The caller's gRPC deadline runs from when it sent the request, and we
             // must tell the upstream how much of it is left: start the clock now.
@@ -261,7 +298,12 @@ where
                 deadline: None,
                 budget: shared.deadline,
                 armed: false,
-                rejection: Some((kind, Some(Arc::from(error)))),
+                rejection: Some(Rejection {
+                    kind,
+                    source: Some(Arc::from(error)),
+                    retry_after: None,
+                }),
+                ticket: None,
                 request_span,
                 attempt_span: Span::none(),
                 info,
@@ -354,6 +396,94 @@ where
         RequestFacts {
             method: &self.info.method,
             upstream: upstream_name(&self.shared, &self.info),
+        }
+    }
+
+    /// Asks the circuit breaker (and concurrency cap) whether the request may go
+    /// ahead; the answer if not.
+    fn admit(&mut self, parts: &Parts, key_cache: &mut KeyCache) -> Option<Rejection> {
+        let breakers = self.shared.breakers.as_ref()?;
+        let target = breakers.target(parts, key_cache);
+        let (admit, transition, state) = breakers.admit(target);
+        self.request_span
+            .record("upstream_guard.circuit_state", state.as_str());
+        if let Some(transition) = transition {
+            self.emit_transition(target, transition);
+        }
+        match admit {
+            Admit::Go(ticket) => {
+                self.ticket = Some(ticket);
+                None
+            }
+            Admit::Reject(kind, retry_after) => {
+                self.shared.observer.on_rejected(&RejectedEvent {
+                    request: self.facts(),
+                    kind,
+                    retry_after,
+                });
+                Some(Rejection {
+                    kind,
+                    source: None,
+                    retry_after: Some(retry_after),
+                })
+            }
+        }
+    }
+
+    /// Tells the observer and the logs that a breaker changed state.
+    fn emit_transition(&self, target: Target, transition: Transition) {
+        let Some(breakers) = &self.shared.breakers else {
+            return;
+        };
+        let key = breakers.key_of(target);
+        let open_for = transition.open_nanos.map(Duration::from_nanos);
+        self.shared.observer.on_circuit_transition(&CircuitEvent {
+            key: key.as_deref(),
+            from: transition.from,
+            to: transition.to,
+            open_for,
+        });
+        tracing::warn!(
+            parent: &self.request_span,
+            key = key.as_deref().unwrap_or("-"),
+            from = transition.from.as_str(),
+            to = transition.to.as_str(),
+            open_for_ms = open_for.map(|d| d.as_millis() as u64),
+            "circuit breaker state changed"
+        );
+    }
+
+    /// Feeds an attempt's outcome to the circuit breaker.
+    fn record_breaker(&mut self, outcome: AttemptOutcome) {
+        let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) else {
+            return;
+        };
+        let failure = match outcome {
+            AttemptOutcome::Failure(FailureKind::RequestBody) => return,
+            other => other.is_failure(),
+        };
+        let slow = breakers.slow_threshold().is_some_and(|threshold| {
+            self.attempt_started
+                .is_some_and(|started| started.elapsed() >= threshold)
+        });
+        let target = ticket.target;
+        if let Some(transition) = breakers.record(ticket, Record { failure, slow }) {
+            self.emit_transition(target, transition);
+        }
+    }
+
+    /// Gives back the breaker's probe and concurrency permit.
+    fn release_ticket(&mut self) {
+        if let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) {
+            breakers.release(ticket);
+        }
+    }
+
+    /// Whether the breaker lets this request be retried now.
+    fn breaker_allows_retry(&self) -> bool {
+        match (&self.shared.breakers, &self.ticket) {
+            (Some(breakers), Some(ticket)) => breakers.allows_retry(ticket),
+            _ => true,
         }
     }
 
@@ -502,6 +632,7 @@ where
     {
         let outcome = attempted.outcome();
         self.record_attempt(outcome);
+        self.record_breaker(outcome);
         let retryable = match outcome {
             AttemptOutcome::Response { class, .. } => class.is_retryable(),
             AttemptOutcome::Failure(kind) => self.shared.classifier.is_retryable(kind),
@@ -574,6 +705,9 @@ where
         if !never_sent && !self.info.safe_to_resend {
             return Err(RetryDenied::NotIdempotent);
         }
+        if !self.breaker_allows_retry() {
+            return Err(RetryDenied::CircuitOpen);
+        }
         let retry = &self.shared.retry;
         let asked = match attempted {
             Attempted::Response(response, _, _) => response
@@ -625,6 +759,7 @@ where
 
     /// Synthesizes the response for a failure, runs the user's hook, and records it.
     fn answer<ResB>(&mut self, failure: GuardFailure) -> Response<ResponseBody<ResB>> {
+        self.release_ticket();
         let flavor = Flavor {
             is_head: self.info.method == Method::HEAD,
             is_grpc: self.info.is_grpc,
@@ -761,6 +896,16 @@ where
                         return Poll::Ready(Ok(ctx.answer(failure)));
                     };
                     match service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) if !ctx.breaker_allows_retry() => {
+                            // The breaker opened while we slept: do not add load.
+                            this.state.set(State::Done);
+                            let retry_after =
+                                ctx.shared.breakers.as_ref().map(|_| Duration::from_secs(1));
+                            let failure = ctx
+                                .failure(FailureKind::CircuitOpen, None)
+                                .with_retry_after(retry_after);
+                            return Poll::Ready(Ok(ctx.answer(failure)));
+                        }
                         Poll::Ready(Ok(())) => {
                             let now = Instant::now();
                             ctx.attempt_started = Some(now);
@@ -808,11 +953,14 @@ where
                 }
                 StateProj::Rejected => {
                     this.state.set(State::Done);
-                    let (kind, source) = ctx
-                        .rejection
-                        .take()
-                        .unwrap_or((FailureKind::Transport, None));
-                    let failure = ctx.failure(kind, source);
+                    let rejection = ctx.rejection.take().unwrap_or(Rejection {
+                        kind: FailureKind::Transport,
+                        source: None,
+                        retry_after: None,
+                    });
+                    let failure = ctx
+                        .failure(rejection.kind, rejection.source)
+                        .with_retry_after(rejection.retry_after);
                     return Poll::Ready(Ok(ctx.answer(failure)));
                 }
                 // Polled after completion: a caller bug. Never panic on the request

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::Response;
 use tower_layer::Layer;
 
+use crate::breaker::{BreakerHandle, Breakers, CircuitBreaker};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::failure::GuardFailure;
 use crate::observe::{NoopObserver, Observer};
@@ -30,6 +31,7 @@ pub(crate) struct Shared {
     pub(crate) observer: Box<dyn Observer>,
     pub(crate) failure_hook: Option<Box<FailureHook>>,
     pub(crate) budget: Option<RetryBudget>,
+    pub(crate) breakers: Option<Breakers>,
 }
 
 impl fmt::Debug for Shared {
@@ -41,6 +43,7 @@ impl fmt::Debug for Shared {
             .field("upstream_name", &self.upstream_name)
             .field("expose_error_details", &self.expose_error_details)
             .field("budget", &self.budget)
+            .field("breakers", &self.breakers)
             .finish_non_exhaustive()
     }
 }
@@ -49,7 +52,7 @@ impl fmt::Debug for Shared {
 /// failure-to-response mapping. See the [crate docs](crate) for the whole picture.
 ///
 /// Cloning is cheap (one reference count), and every clone, and every service it
-/// makes, shares one state: the retry budget and the observer.
+/// makes, shares one state: circuit breakers, retry budget and observer.
 ///
 /// ```
 /// use std::time::Duration;
@@ -85,6 +88,12 @@ impl UpstreamGuardLayer {
     pub fn builder() -> Builder {
         Builder::default()
     }
+
+    /// Operator access to the circuit breakers (force open, disable, snapshots);
+    /// `None` if the breaker was turned off.
+    pub fn breaker_handle(&self) -> Option<BreakerHandle> {
+        BreakerHandle::new(self.shared.clone())
+    }
 }
 
 impl Default for UpstreamGuardLayer {
@@ -110,6 +119,7 @@ impl<S> Layer<S> for UpstreamGuardLayer {
 /// | [`attempt_timeout`](Builder::attempt_timeout) | 5 s | three attempts fit in the deadline |
 /// | [`deadline`](Builder::deadline) | 15 s | Envoy's route timeout; below most clients' own |
 /// | [`retry`](Builder::retry) | [`Retry::default()`] | 3 attempts, jittered backoff, 20 % budget |
+/// | [`circuit_breaker`](Builder::circuit_breaker) | [`CircuitBreaker::default()`] | 5 failures in a row open it for 5 s, per upstream |
 /// | [`classifier`](Builder::classifier) | [`DefaultClassifier`] | 5xx fail, 502/503/504 retry |
 /// | [`expose_error_details`](Builder::expose_error_details) | off | never leak internals |
 ///
@@ -119,6 +129,7 @@ pub struct Builder {
     attempt_timeout: Duration,
     deadline: Duration,
     retry: Retry,
+    circuit_breaker: Option<CircuitBreaker>,
     upstream_name: Option<Arc<str>>,
     expose_error_details: bool,
     classifier: Box<dyn Classify>,
@@ -132,6 +143,7 @@ impl Default for Builder {
             attempt_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(15),
             retry: Retry::default(),
+            circuit_breaker: Some(CircuitBreaker::default()),
             upstream_name: None,
             expose_error_details: false,
             classifier: Box::new(DefaultClassifier::new()),
@@ -147,6 +159,7 @@ impl fmt::Debug for Builder {
             .field("attempt_timeout", &self.attempt_timeout)
             .field("deadline", &self.deadline)
             .field("retry", &self.retry)
+            .field("circuit_breaker", &self.circuit_breaker)
             .field("upstream_name", &self.upstream_name)
             .field("expose_error_details", &self.expose_error_details)
             .finish_non_exhaustive()
@@ -171,6 +184,18 @@ impl Builder {
     /// The retry policy; [`Retry::disabled()`] turns retries off.
     pub fn retry(mut self, retry: Retry) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// The circuit breaker (on by default; see [`CircuitBreaker`]).
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.circuit_breaker = Some(breaker);
+        self
+    }
+
+    /// Turns the circuit breaker off: every request reaches the upstream.
+    pub fn no_circuit_breaker(mut self) -> Self {
+        self.circuit_breaker = None;
         self
     }
 
@@ -252,11 +277,16 @@ impl Builder {
                 return Err(ConfigError::new("upstream_name", "must not be empty"));
             }
         }
-        validate_retry(&self.retry)
+        validate_retry(&self.retry)?;
+        if let Some(breaker) = &self.circuit_breaker {
+            breaker.validate()?;
+        }
+        Ok(())
     }
 
     fn build_unchecked(self) -> UpstreamGuardLayer {
         let budget = self.retry.budget.map(RetryBudget::new);
+        let breakers = self.circuit_breaker.as_ref().map(Breakers::new);
         UpstreamGuardLayer {
             shared: Arc::new(Shared {
                 attempt_timeout: self.attempt_timeout,
@@ -268,6 +298,7 @@ impl Builder {
                 observer: self.observer,
                 failure_hook: self.failure_hook,
                 budget,
+                breakers,
             }),
         }
     }

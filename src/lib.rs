@@ -78,6 +78,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
 mod body;
+mod breaker;
 mod classify;
 mod failure;
 mod future;
@@ -90,6 +91,7 @@ mod retry;
 mod service;
 
 pub use body::{RequestBody, ResponseBody};
+pub use breaker::{BreakerHandle, BreakerMode, BreakerSnapshot, CircuitBreaker, CircuitState};
 pub use classify::{
     classify_fn, failure_kind_of, Classify, ClassifyFn, DefaultClassifier, ResponseClass,
 };
@@ -98,8 +100,8 @@ pub use future::ResponseFuture;
 pub use grpc::{encode_grpc_timeout, parse_grpc_timeout};
 pub use layer::{Builder, ConfigError, UpstreamGuardLayer};
 pub use observe::{
-    AttemptEvent, AttemptOutcome, NoopObserver, Observer, Outcome, RequestFacts, ResponseEvent,
-    RetryDenied, RetryDeniedEvent, RetryEvent,
+    AttemptEvent, AttemptOutcome, CircuitEvent, NoopObserver, Observer, Outcome, RejectedEvent,
+    RequestFacts, ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
 };
 pub use retry::{parse_retry_after, Retry};
 pub use service::UpstreamGuard;

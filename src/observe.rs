@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use tokio::time::Instant;
 
+use crate::breaker::CircuitState;
 use crate::classify::ResponseClass;
 use crate::failure::FailureKind;
 
@@ -48,6 +49,17 @@ pub trait Observer: Send + Sync + 'static {
     /// A retry was wanted but not made (retry budget spent, deadline too close,
     /// request not safe to retry, body not replayable, circuit open).
     fn on_retry_denied(&self, event: &RetryDeniedEvent<'_>) {
+        let _ = event;
+    }
+
+    /// A circuit breaker changed state.
+    fn on_circuit_transition(&self, event: &CircuitEvent<'_>) {
+        let _ = event;
+    }
+
+    /// A request was answered without calling the upstream: circuit open or
+    /// concurrency cap reached.
+    fn on_rejected(&self, event: &RejectedEvent<'_>) {
         let _ = event;
     }
 
@@ -296,5 +308,63 @@ impl<'a> ResponseEvent<'a> {
     /// completed on its first poll).
     pub fn elapsed(&self) -> Duration {
         elapsed_since(self.started)
+    }
+}
+
+/// A circuit breaker changed state. See [`Observer::on_circuit_transition`].
+#[derive(Clone, Copy, Debug)]
+pub struct CircuitEvent<'a> {
+    pub(crate) key: Option<&'a str>,
+    pub(crate) from: CircuitState,
+    pub(crate) to: CircuitState,
+    pub(crate) open_for: Option<Duration>,
+}
+
+impl<'a> CircuitEvent<'a> {
+    /// The breaker's key (e.g. the upstream authority); `None` for the shared
+    /// breaker of requests without a key.
+    pub fn key(&self) -> Option<&'a str> {
+        self.key
+    }
+
+    /// The state before.
+    pub fn from(&self) -> CircuitState {
+        self.from
+    }
+
+    /// The state after.
+    pub fn to(&self) -> CircuitState {
+        self.to
+    }
+
+    /// For a transition to open: how long it stays open.
+    pub fn open_for(&self) -> Option<Duration> {
+        self.open_for
+    }
+}
+
+/// A request was rejected without calling the upstream. See
+/// [`Observer::on_rejected`].
+#[derive(Clone, Copy, Debug)]
+pub struct RejectedEvent<'a> {
+    pub(crate) request: RequestFacts<'a>,
+    pub(crate) kind: FailureKind,
+    pub(crate) retry_after: Duration,
+}
+
+impl<'a> RejectedEvent<'a> {
+    /// The request rejected.
+    pub fn request(&self) -> RequestFacts<'a> {
+        self.request
+    }
+
+    /// Why: [`FailureKind::CircuitOpen`] or [`FailureKind::ConcurrencyLimited`].
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+
+    /// When the caller may try again.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
     }
 }

@@ -10,6 +10,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{RequestBody, ResponseBody};
+use crate::breaker::{BreakerHandle, KeyCache};
 use crate::future::ResponseFuture;
 use crate::layer::Shared;
 use crate::BoxError;
@@ -27,6 +28,8 @@ pub struct UpstreamGuard<S> {
     shared: Arc<Shared>,
     /// An error from the inner service's `poll_ready`, answered on the next call.
     ready_error: Option<BoxError>,
+    /// The breaker key this service used last, to skip the registry lookup.
+    key_cache: KeyCache,
 }
 
 impl<S> UpstreamGuard<S> {
@@ -35,7 +38,14 @@ impl<S> UpstreamGuard<S> {
             inner,
             shared,
             ready_error: None,
+            key_cache: KeyCache::default(),
         }
+    }
+
+    /// Operator access to the circuit breakers this service shares with its
+    /// layer; `None` if the breaker was turned off.
+    pub fn breaker_handle(&self) -> Option<BreakerHandle> {
+        BreakerHandle::new(self.shared.clone())
     }
 
     /// The inner service.
@@ -60,6 +70,7 @@ impl<S: Clone> Clone for UpstreamGuard<S> {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             ready_error: None,
+            key_cache: self.key_cache.clone(),
         }
     }
 }
@@ -106,6 +117,11 @@ where
         if let Some(error) = self.ready_error.take() {
             return ResponseFuture::not_ready(request, self.shared.clone(), error);
         }
-        ResponseFuture::start(request, &mut self.inner, self.shared.clone())
+        ResponseFuture::start(
+            request,
+            &mut self.inner,
+            self.shared.clone(),
+            &mut self.key_cache,
+        )
     }
 }

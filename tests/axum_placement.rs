@@ -169,3 +169,33 @@ async fn every_route_of_one_layer_reports_to_one_shared_state() {
     );
     assert_eq!(observer.responses().len(), 3);
 }
+
+#[tokio::test]
+async fn the_breaker_opens_across_every_route_of_the_layer() {
+    // axum builds one service per route; they must share one breaker, or it
+    // would never see enough failures to open.
+    let guard = UpstreamGuardLayer::builder()
+        .retry(Retry::disabled())
+        .circuit_breaker(upstream_guard::CircuitBreaker::consecutive_failures(4))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/a", get(|| async { StatusCode::BAD_GATEWAY }))
+        .route("/b", get(|| async { StatusCode::BAD_GATEWAY }))
+        .route("/healthy", get(|| async { "fine" }))
+        .layer(guard.clone());
+    for path in ["/a", "/b", "/a", "/b"] {
+        assert_eq!(
+            call(&app, "GET", path, Bytes::new()).await.0,
+            StatusCode::BAD_GATEWAY
+        );
+    }
+    let (status, body) = call(&app, "GET", "/healthy", Bytes::new()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["type"], "urn:upstream-guard:problem:circuit-open");
+    assert_eq!(
+        guard.breaker_handle().unwrap().snapshot().state,
+        upstream_guard::CircuitState::Open
+    );
+}

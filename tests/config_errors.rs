@@ -95,3 +95,90 @@ fn the_defaults_are_valid() {
         .build()
         .is_ok());
 }
+
+mod circuit_breaker {
+    use super::*;
+    use upstream_guard::CircuitBreaker;
+
+    fn field_of(breaker: CircuitBreaker) -> &'static str {
+        error_of(UpstreamGuardLayer::builder().circuit_breaker(breaker)).field()
+    }
+
+    #[test]
+    fn rates_must_be_in_zero_to_one() {
+        for rate in [0.0, -1.0, 1.5, f64::NAN] {
+            assert_eq!(
+                field_of(CircuitBreaker::failure_rate(rate, 10)),
+                "circuit_breaker.failure_rate"
+            );
+            assert_eq!(
+                field_of(CircuitBreaker::slow_call_rate(
+                    rate,
+                    Duration::from_secs(1),
+                    10
+                )),
+                "circuit_breaker.slow_call_rate"
+            );
+        }
+    }
+
+    #[test]
+    fn a_breaker_that_can_never_trip_is_rejected() {
+        assert_eq!(
+            field_of(CircuitBreaker::consecutive_failures(0)),
+            "circuit_breaker.consecutive_failures"
+        );
+    }
+
+    #[test]
+    fn min_calls_and_slow_threshold_must_be_positive() {
+        assert_eq!(
+            field_of(CircuitBreaker::failure_rate(0.5, 0)),
+            "circuit_breaker.min_calls"
+        );
+        assert_eq!(
+            field_of(CircuitBreaker::slow_call_rate(0.5, Duration::ZERO, 10)),
+            "circuit_breaker.slow_call_threshold"
+        );
+    }
+
+    #[test]
+    fn open_periods_must_be_positive_and_ordered() {
+        assert_eq!(
+            field_of(CircuitBreaker::default().open_for(Duration::ZERO)),
+            "circuit_breaker.open_for"
+        );
+        assert_eq!(
+            field_of(
+                CircuitBreaker::default()
+                    .open_for(Duration::from_secs(10))
+                    .max_open_for(Duration::from_secs(5))
+            ),
+            "circuit_breaker.max_open_for"
+        );
+    }
+
+    #[test]
+    fn probes_keys_window_and_concurrency_are_bounded() {
+        assert_eq!(
+            field_of(CircuitBreaker::default().half_open_probes(0)),
+            "circuit_breaker.half_open_probes"
+        );
+        assert_eq!(
+            field_of(CircuitBreaker::default().half_open_probes(5000)),
+            "circuit_breaker.half_open_probes"
+        );
+        assert_eq!(
+            field_of(CircuitBreaker::default().max_keys(0)),
+            "circuit_breaker.max_keys"
+        );
+        assert_eq!(
+            field_of(CircuitBreaker::default().window(Duration::from_millis(1))),
+            "circuit_breaker.window"
+        );
+        assert_eq!(
+            field_of(CircuitBreaker::default().concurrency_limit(0)),
+            "circuit_breaker.concurrency_limit"
+        );
+    }
+}

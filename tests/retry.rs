@@ -30,6 +30,19 @@ fn layer_with(retry: Retry, observer: Recording) -> UpstreamGuardLayer {
         .unwrap()
 }
 
+/// For tests that hammer a failing upstream on purpose: without a breaker, only
+/// the retry policy limits the load.
+fn layer_without_breaker(retry: Retry, observer: Recording) -> UpstreamGuardLayer {
+    UpstreamGuardLayer::builder()
+        .attempt_timeout(Duration::from_millis(500))
+        .deadline(Duration::from_secs(5))
+        .retry(retry)
+        .no_circuit_breaker()
+        .observer(observer)
+        .build()
+        .unwrap()
+}
+
 fn payload(len: usize) -> Bytes {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
@@ -177,7 +190,7 @@ async fn the_budget_bounds_load_on_a_fully_failing_upstream() {
     let observer = Recording::default();
     // 20 % of requests plus a floor of 1 retry/s over a 10 s window (10 retries).
     let retry = fast_retry().budget(0.2, 1);
-    let client = guarded(&layer_with(retry, observer.clone()));
+    let client = guarded(&layer_without_breaker(retry, observer.clone()));
     for _ in 0..REQUESTS {
         let answer = send(&client, get(&upstream.url("/status/503"))).await;
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -192,7 +205,10 @@ async fn the_budget_bounds_load_on_a_fully_failing_upstream() {
 #[tokio::test]
 async fn without_a_budget_every_failure_gets_every_attempt() {
     let upstream = Upstream::start().await;
-    let client = guarded(&layer_with(fast_retry().no_budget(), Recording::default()));
+    let client = guarded(&layer_without_breaker(
+        fast_retry().no_budget(),
+        Recording::default(),
+    ));
     for _ in 0..20 {
         send(&client, get(&upstream.url("/status/502"))).await;
     }

@@ -8,7 +8,7 @@ use http::StatusCode;
 use support::guard::{get, guarded, send};
 use support::spans::Recorder;
 use support::upstream::{refused_addr, Upstream};
-use upstream_guard::{Retry, UpstreamGuardLayer};
+use upstream_guard::{CircuitBreaker, Retry, UpstreamGuardLayer};
 
 fn layer() -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
@@ -98,4 +98,37 @@ async fn a_failure_records_its_error_type() {
     assert!(attempts
         .iter()
         .all(|a| a.field("error.type") == Some("connect")));
+}
+
+#[tokio::test]
+async fn transitions_are_warn_events_and_the_span_has_the_circuit_state() {
+    let recorder = Recorder::default();
+    let _installed = recorder.install();
+    let upstream = Upstream::start().await;
+    let guard = UpstreamGuardLayer::builder()
+        .retry(Retry::disabled())
+        .circuit_breaker(CircuitBreaker::consecutive_failures(1))
+        .build()
+        .unwrap();
+    let client = guarded(&guard);
+    send(&client, get(&upstream.url("/status/500"))).await;
+    send(&client, get(&upstream.url("/ok"))).await;
+    let warnings: Vec<_> = recorder
+        .events()
+        .into_iter()
+        .filter(|e| e.level == "WARN")
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0].fields["to"], "open");
+    assert_eq!(warnings[0].fields["key"], upstream.authority());
+    let spans = recorder.spans_named("upstream_guard.request");
+    let states: Vec<_> = spans
+        .iter()
+        .map(|s| s.field("upstream_guard.circuit_state").unwrap_or("-"))
+        .collect();
+    assert_eq!(states, ["closed", "open"]);
+    assert_eq!(
+        spans[1].field("upstream_guard.outcome"),
+        Some("circuit_open")
+    );
 }

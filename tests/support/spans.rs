@@ -42,9 +42,20 @@ pub struct Recorder {
 impl Recorder {
     /// Installs the recorder as the default subscriber for this thread until the
     /// guard drops. Use it in current-thread tokio tests.
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+    ///
+    /// Tests that record spans run one at a time: tracing caches per-callsite
+    /// interest process-wide, and scoped subscribers coming and going on other
+    /// threads could otherwise hide a span from this one.
+    pub fn install(&self) -> Installed {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let subscriber = tracing_subscriber::registry().with(self.clone());
-        tracing::subscriber::set_default(subscriber)
+        let default = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        Installed {
+            _default: default,
+            _serial: serial,
+        }
     }
 
     pub fn spans(&self) -> Vec<SpanRecord> {
@@ -61,6 +72,12 @@ impl Recorder {
     pub fn events(&self) -> Vec<EventRecord> {
         self.events.lock().unwrap().clone()
     }
+}
+
+/// Keeps the recorder installed (and other recording tests waiting).
+pub struct Installed {
+    _default: tracing::subscriber::DefaultGuard,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 struct Index(usize);

@@ -1,0 +1,286 @@
+//! Breakers by key, in a bounded registry.
+//!
+//! Entries live in fixed chunks that are allocated on first use and never move,
+//! so a request holds only an index and a generation, not a reference count:
+//! nothing on the hot path writes a shared cache line. The key → index map is
+//! behind a `RwLock`, but each service keeps the last key it used (see
+//! [`KeyCache`]), so repeated calls to one upstream skip the map entirely.
+//!
+//! When every entry is taken, a new key evicts one that was not used since the
+//! clock hand last passed it (second-chance / CLOCK eviction), preferring closed
+//! breakers with nothing in flight. Memory is bounded by `max_keys` whatever
+//! the number of distinct keys.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use super::state::Breaker;
+
+const CHUNK: usize = 64;
+
+/// One keyed breaker with its bookkeeping.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) breaker: Breaker,
+    /// Requests admitted and not yet answered (for the concurrency cap).
+    pub(crate) in_flight: AtomicU32,
+    /// Bumped each time the entry is given to another key.
+    pub(crate) generation: AtomicU64,
+    /// Set on use, cleared by the eviction hand: "used recently".
+    referenced: AtomicBool,
+}
+
+impl Entry {
+    pub(crate) fn new(window_nanos: u64) -> Entry {
+        Entry {
+            breaker: Breaker::new(window_nanos),
+            in_flight: AtomicU32::new(0),
+            generation: AtomicU64::new(0),
+            referenced: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        // Read first: in the steady state this never writes.
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Which entry a request uses, and which generation of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The registry's own breaker, for requests without a key.
+    Default,
+    /// A keyed entry.
+    Keyed { index: u32, generation: u64 },
+}
+
+/// The last key a service looked up, to skip the map next time.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KeyCache {
+    last: Option<(Arc<str>, u32, u64)>,
+}
+
+struct Index {
+    map: HashMap<Arc<str>, u32>,
+    keys: Vec<Option<Arc<str>>>,
+    hand: usize,
+}
+
+/// The keyed entries.
+pub(crate) struct Keyed {
+    window_nanos: u64,
+    max_keys: usize,
+    chunks: Box<[OnceLock<Box<[Entry]>>]>,
+    index: RwLock<Index>,
+}
+
+impl std::fmt::Debug for Keyed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyed")
+            .field("max_keys", &self.max_keys)
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyed {
+    pub(crate) fn new(max_keys: usize, window_nanos: u64) -> Keyed {
+        let chunks = max_keys.div_ceil(CHUNK);
+        Keyed {
+            window_nanos,
+            max_keys,
+            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+            index: RwLock::new(Index {
+                map: HashMap::new(),
+                keys: Vec::new(),
+                hand: 0,
+            }),
+        }
+    }
+
+    pub(crate) fn entry(&self, index: u32) -> Option<&Entry> {
+        let i = index as usize;
+        self.chunks.get(i / CHUNK)?.get()?.get(i % CHUNK)
+    }
+
+    fn entry_or_init(&self, index: usize) -> Option<&Entry> {
+        let chunk = self.chunks.get(index / CHUNK)?.get_or_init(|| {
+            (0..CHUNK)
+                .map(|_| Entry::new(self.window_nanos))
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        });
+        chunk.get(index % CHUNK)
+    }
+
+    /// The entry for `key`: from the cache, the map, or a new (or evicted) slot.
+    pub(crate) fn target(&self, key: &str, cache: &mut KeyCache) -> Option<Target> {
+        if let Some((cached, index, generation)) = &cache.last {
+            if &**cached == key {
+                if let Some(entry) = self.entry(*index) {
+                    if entry.generation.load(Ordering::Acquire) == *generation {
+                        entry.touch();
+                        return Some(Target::Keyed {
+                            index: *index,
+                            generation: *generation,
+                        });
+                    }
+                }
+            }
+        }
+        let found = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            index.map.get_key_value(key).map(|(k, i)| (k.clone(), *i))
+        };
+        let (key, index) = match found {
+            Some(found) => found,
+            None => self.insert(key)?,
+        };
+        let entry = self.entry(index)?;
+        entry.touch();
+        let generation = entry.generation.load(Ordering::Acquire);
+        cache.last = Some((key, index, generation));
+        Some(Target::Keyed { index, generation })
+    }
+
+    fn insert(&self, key: &str) -> Option<(Arc<str>, u32)> {
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, i)) = index.map.get_key_value(key) {
+            return Some((k.clone(), *i));
+        }
+        let key: Arc<str> = Arc::from(key);
+        let slot = if index.keys.len() < self.max_keys {
+            index.keys.push(None);
+            index.keys.len() - 1
+        } else {
+            self.evict(&mut index)?
+        };
+        let entry = self.entry_or_init(slot)?;
+        if let Some(old) = index.keys[slot].take() {
+            index.map.remove(&old);
+            entry.generation.fetch_add(1, Ordering::AcqRel);
+            entry.breaker.reset();
+            entry.in_flight.store(0, Ordering::Release);
+        }
+        let slot32 = u32::try_from(slot).ok()?;
+        index.keys[slot] = Some(key.clone());
+        index.map.insert(key.clone(), slot32);
+        Some((key, slot32))
+    }
+
+    /// Picks a slot to reuse: the first, from the hand on, not used since the hand
+    /// last passed and idle (closed, nothing in flight). After two full turns it
+    /// settles for any slot not used recently, and finally for the hand's slot.
+    fn evict(&self, index: &mut Index) -> Option<usize> {
+        let len = index.keys.len();
+        if len == 0 {
+            return None;
+        }
+        for pass in 0..3 {
+            for _ in 0..len {
+                let slot = index.hand;
+                index.hand = (index.hand + 1) % len;
+                let Some(entry) = self.entry(u32::try_from(slot).ok()?) else {
+                    return Some(slot);
+                };
+                if entry.referenced.swap(false, Ordering::Relaxed) {
+                    continue;
+                }
+                let idle =
+                    entry.in_flight.load(Ordering::Acquire) == 0 && entry.breaker.is_closed();
+                if idle || pass >= 2 {
+                    return Some(slot);
+                }
+            }
+        }
+        Some(index.hand)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.map.len()
+    }
+
+    /// The key of an entry, for events and snapshots.
+    pub(crate) fn key_of(&self, slot: u32) -> Option<Arc<str>> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.keys.get(slot as usize).cloned().flatten()
+    }
+
+    pub(crate) fn lookup(&self, key: &str) -> Option<&Entry> {
+        let slot = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            *index.map.get(key)?
+        };
+        self.entry(slot)
+    }
+
+    pub(crate) fn keys(&self) -> Vec<(Arc<str>, u32)> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.map.iter().map(|(k, i)| (k.clone(), *i)).collect()
+    }
+}
+
+#[cfg(all(test, not(upstream_guard_loom)))]
+mod tests {
+    use super::*;
+
+    const WINDOW: u64 = 10_000_000_000;
+
+    #[test]
+    fn the_same_key_gets_the_same_entry() {
+        let keyed = Keyed::new(8, WINDOW);
+        let mut cache = KeyCache::default();
+        let a = keyed.target("a:80", &mut cache).unwrap();
+        let mut other = KeyCache::default();
+        assert_eq!(keyed.target("a:80", &mut other), Some(a));
+        assert_eq!(keyed.target("a:80", &mut cache), Some(a));
+        assert_ne!(keyed.target("b:80", &mut cache), Some(a));
+    }
+
+    #[test]
+    fn the_registry_never_grows_past_max_keys() {
+        let keyed = Keyed::new(100, WINDOW);
+        let mut cache = KeyCache::default();
+        for i in 0..100_000 {
+            assert!(keyed.target(&format!("host-{i}:443"), &mut cache).is_some());
+        }
+        assert_eq!(keyed.len(), 100);
+        assert_eq!(
+            keyed.chunks.iter().filter(|c| c.get().is_some()).count(),
+            2,
+            "only the chunks for 100 entries are allocated"
+        );
+    }
+
+    #[test]
+    fn an_evicted_entry_gets_a_new_generation() {
+        let keyed = Keyed::new(1, WINDOW);
+        let mut cache = KeyCache::default();
+        let first = keyed.target("a", &mut cache).unwrap();
+        // Clear the "recently used" mark so the hand can take it.
+        let second = keyed.target("b", &mut cache).unwrap();
+        match (first, second) {
+            (
+                Target::Keyed {
+                    index: i1,
+                    generation: g1,
+                },
+                Target::Keyed {
+                    index: i2,
+                    generation: g2,
+                },
+            ) => {
+                assert_eq!(i1, i2);
+                assert_ne!(g1, g2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(keyed.len(), 1);
+        assert!(keyed.lookup("a").is_none());
+    }
+}
