@@ -708,6 +708,3 @@ impl BreakerHandle {
         self.breakers().keyed.as_ref().map_or(0, Keyed::len)
     }
 }
-
-#[cfg(all(test, upstream_guard_loom))]
-mod loom_tests;

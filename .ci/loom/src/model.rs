@@ -1,14 +1,10 @@
 //! Model checks of the breaker's state machine under every interleaving loom can
-//! find. Run with:
-//!
-//! ```text
-//! RUSTFLAGS="--cfg upstream_guard_loom" cargo test --release --lib breaker::loom_tests
-//! ```
+//! find. Run with `cargo test --release` in `.ci/loom`.
 
 use loom::sync::Arc;
 use loom::thread;
 
-use super::state::{Admission, Breaker, CircuitState, Policy, Record};
+use crate::state::{Admission, Breaker, CircuitState, Policy, Record};
 
 const SEC: u64 = 1_000_000_000;
 
