@@ -7,13 +7,16 @@
 //! synthesized. Both are plain enums: no boxing, no per-request allocation.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
 
@@ -175,6 +178,11 @@ pin_project! {
         Upstream {
             #[pin]
             body: B,
+            // Armed only when a body idle timeout is configured, and only once the
+            // body makes its reader wait.
+            #[pin]
+            idle: Option<Sleep>,
+            idle_timeout: Option<Duration>,
         },
         Synthesized {
             data: Option<Bytes>,
@@ -185,8 +193,18 @@ pin_project! {
 impl<B> ResponseBody<B> {
     /// Wraps the upstream's body.
     pub fn upstream(body: B) -> Self {
+        ResponseBody::upstream_with_idle_timeout(body, None)
+    }
+
+    /// Wraps the upstream's body; the body fails with [`BodyIdleTimeout`] if
+    /// `idle_timeout` passes without a frame.
+    pub(crate) fn upstream_with_idle_timeout(body: B, idle_timeout: Option<Duration>) -> Self {
         ResponseBody {
-            inner: ResponseInner::Upstream { body },
+            inner: ResponseInner::Upstream {
+                body,
+                idle: None,
+                idle_timeout,
+            },
         }
     }
 
@@ -232,9 +250,36 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().inner.project() {
-            ResponseInnerProj::Upstream { body } => body
-                .poll_frame(cx)
-                .map(|frame| frame.map(|r| r.map(|f| f.map_data(into_bytes)).map_err(Into::into))),
+            ResponseInnerProj::Upstream {
+                body,
+                mut idle,
+                idle_timeout,
+            } => match body.poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    // Progress: the next wait starts a fresh idle period.
+                    if let (Some(timeout), Some(sleep)) = (idle_timeout, idle.as_mut().as_pin_mut())
+                    {
+                        sleep.reset(Instant::now() + *timeout);
+                    }
+                    Poll::Ready(
+                        frame.map(|r| r.map(|f| f.map_data(into_bytes)).map_err(Into::into)),
+                    )
+                }
+                Poll::Pending => {
+                    let Some(timeout) = *idle_timeout else {
+                        return Poll::Pending;
+                    };
+                    if idle.is_none() {
+                        idle.set(Some(tokio::time::sleep(timeout)));
+                    }
+                    match idle.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+                        Some(Poll::Ready(())) => {
+                            Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(timeout)))))
+                        }
+                        _ => Poll::Pending,
+                    }
+                }
+            },
             ResponseInnerProj::Synthesized { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
@@ -243,20 +288,41 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            ResponseInner::Upstream { body } => body.is_end_stream(),
+            ResponseInner::Upstream { body, .. } => body.is_end_stream(),
             ResponseInner::Synthesized { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            ResponseInner::Upstream { body } => body.size_hint(),
+            ResponseInner::Upstream { body, .. } => body.size_hint(),
             ResponseInner::Synthesized { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
     }
 }
+
+/// The error a response body fails with when the upstream sent nothing for the
+/// configured [`body_idle_timeout`](crate::Builder::body_idle_timeout): the
+/// caller sees a body error, never a silently truncated success.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyIdleTimeout(Duration);
+
+impl BodyIdleTimeout {
+    /// The idle timeout that passed.
+    pub fn timeout(&self) -> Duration {
+        self.0
+    }
+}
+
+impl fmt::Display for BodyIdleTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the upstream sent no body data for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyIdleTimeout {}
 
 #[cfg(test)]
 mod tests {

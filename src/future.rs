@@ -748,7 +748,8 @@ where
                     Outcome::Success
                 };
                 self.record_response(status, outcome);
-                response.map(ResponseBody::upstream)
+                let idle = self.shared.body_idle_timeout;
+                response.map(|body| ResponseBody::upstream_with_idle_timeout(body, idle))
             }
             Attempted::Failed(kind, source) => {
                 let failure = self.failure(kind, source);

@@ -24,6 +24,7 @@ type FailureHook = dyn Fn(&GuardFailure, &mut Response<Bytes>) + Send + Sync;
 pub(crate) struct Shared {
     pub(crate) attempt_timeout: Duration,
     pub(crate) deadline: Duration,
+    pub(crate) body_idle_timeout: Option<Duration>,
     pub(crate) retry: Retry,
     pub(crate) upstream_name: Option<Arc<str>>,
     pub(crate) expose_error_details: bool,
@@ -39,6 +40,7 @@ impl fmt::Debug for Shared {
         f.debug_struct("Shared")
             .field("attempt_timeout", &self.attempt_timeout)
             .field("deadline", &self.deadline)
+            .field("body_idle_timeout", &self.body_idle_timeout)
             .field("retry", &self.retry)
             .field("upstream_name", &self.upstream_name)
             .field("expose_error_details", &self.expose_error_details)
@@ -128,6 +130,7 @@ impl<S> Layer<S> for UpstreamGuardLayer {
 pub struct Builder {
     attempt_timeout: Duration,
     deadline: Duration,
+    body_idle_timeout: Option<Duration>,
     retry: Retry,
     circuit_breaker: Option<CircuitBreaker>,
     upstream_name: Option<Arc<str>>,
@@ -142,6 +145,7 @@ impl Default for Builder {
         Builder {
             attempt_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(15),
+            body_idle_timeout: None,
             retry: Retry::default(),
             circuit_breaker: Some(CircuitBreaker::default()),
             upstream_name: None,
@@ -158,6 +162,7 @@ impl fmt::Debug for Builder {
         f.debug_struct("Builder")
             .field("attempt_timeout", &self.attempt_timeout)
             .field("deadline", &self.deadline)
+            .field("body_idle_timeout", &self.body_idle_timeout)
             .field("retry", &self.retry)
             .field("circuit_breaker", &self.circuit_breaker)
             .field("upstream_name", &self.upstream_name)
@@ -178,6 +183,15 @@ impl Builder {
     /// backoff sleeps between them. An inbound `grpc-timeout` can shorten it.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
+        self
+    }
+
+    /// Fails the response body with [`BodyIdleTimeout`](crate::BodyIdleTimeout) when
+    /// the upstream sends no body data for this long (off by default: a body may
+    /// legitimately stream slowly). Use it against upstreams that send headers and
+    /// then stall, so a caller is never left waiting forever.
+    pub fn body_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.body_idle_timeout = Some(timeout);
         self
     }
 
@@ -272,6 +286,12 @@ impl Builder {
                 ),
             ));
         }
+        if self.body_idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::new(
+                "body_idle_timeout",
+                "must be greater than zero",
+            ));
+        }
         if let Some(name) = &self.upstream_name {
             if name.is_empty() {
                 return Err(ConfigError::new("upstream_name", "must not be empty"));
@@ -291,6 +311,7 @@ impl Builder {
             shared: Arc::new(Shared {
                 attempt_timeout: self.attempt_timeout,
                 deadline: self.deadline,
+                body_idle_timeout: self.body_idle_timeout,
                 retry: self.retry,
                 upstream_name: self.upstream_name,
                 expose_error_details: self.expose_error_details,

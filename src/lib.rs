@@ -90,7 +90,7 @@ mod response;
 mod retry;
 mod service;
 
-pub use body::{RequestBody, ResponseBody};
+pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};
 pub use breaker::{BreakerHandle, BreakerMode, BreakerSnapshot, CircuitBreaker, CircuitState};
 pub use classify::{
     classify_fn, failure_kind_of, Classify, ClassifyFn, DefaultClassifier, ResponseClass,

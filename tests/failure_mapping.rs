@@ -271,3 +271,54 @@ async fn a_configured_upstream_name_is_used_in_the_body() {
     let answer = send(&guarded(&layer), get(&url)).await;
     assert_eq!(answer.problem()["upstream"], "payments");
 }
+
+#[tokio::test]
+async fn a_stalled_body_fails_after_the_idle_timeout_instead_of_hanging() {
+    use http_body_util::BodyExt;
+    let layer = UpstreamGuardLayer::builder()
+        .retry(Retry::disabled())
+        .body_idle_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let upstream = Upstream::start().await;
+    let response = tower::ServiceExt::oneshot(guarded(&layer), get(&upstream.url("/stall-body")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "headers arrived");
+    let started = std::time::Instant::now();
+    let error = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the body ends instead of hanging")
+        .expect_err("a stalled body is an error, not a short success");
+    assert!(error.is::<upstream_guard::BodyIdleTimeout>(), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_slow_body_that_keeps_sending_is_not_cut_off_by_the_idle_timeout() {
+    let layer = UpstreamGuardLayer::builder()
+        .retry(Retry::disabled())
+        .body_idle_timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let upstream = Upstream::start().await;
+    // Five chunks 100 ms apart: 500 ms in all, but never 150 ms of silence.
+    let answer = send(&guarded(&layer), get(&upstream.url("/stream/5/100"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), 5 * "chunk-0\n".len());
+}
+
+#[tokio::test]
+async fn a_truncated_body_is_an_error_not_a_short_success() {
+    use http_body_util::BodyExt;
+    let upstream = Upstream::start().await;
+    let response =
+        tower::ServiceExt::oneshot(guarded(&no_retry()), get(&upstream.url("/truncated")))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the body ends");
+    assert!(collected.is_err(), "50 of 100 bytes must not look complete");
+}
