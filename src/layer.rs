@@ -366,13 +366,13 @@ fn validate_retry(retry: &Retry) -> Result<(), ConfigError> {
     if let Some(budget) = &retry.budget {
         if !budget.ratio.is_finite() || !(0.0..=1000.0).contains(&budget.ratio) {
             return Err(ConfigError::new(
-                "retry.budget.ratio",
+                "retry.budget_ratio",
                 format!("must be a number from 0 to 1000, got {}", budget.ratio),
             ));
         }
         if budget.ttl < Duration::from_secs(1) || budget.ttl > Duration::from_secs(60) {
             return Err(ConfigError::new(
-                "retry.budget.window",
+                "retry.budget_window",
                 "must be from 1 to 60 seconds",
             ));
         }

@@ -1,4 +1,4 @@
-//! A [tower] layer that guards calls to an upstream service with **timeouts**,
+//! A [tower](https://docs.rs/tower) layer that guards calls to an upstream service with **timeouts**,
 //! **retries** and a **retry budget**, and turns every failure into a
 //! **well-formed response**: `502`, `503` or `504` with an RFC 9457
 //! `application/problem+json` body, or a trailers-only gRPC status for gRPC
@@ -72,6 +72,11 @@
 //!
 //! - `hyper` (default): recognise hyper and hyper-util client errors exactly
 //!   (connect vs. reset vs. parse error).
+//! - `metrics`: [`MetricsObserver`], which records requests, attempts, retries,
+//!   rejections and circuit states through the `metrics` facade, with bounded
+//!   labels (see its module docs for every metric).
+//! - `serde`: [`GuardConfig`], a layer's whole configuration from a config file
+//!   (TOML, YAML, JSON...), with durations written like `"800ms"`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -80,21 +85,29 @@
 mod body;
 mod breaker;
 mod classify;
+#[cfg(feature = "serde")]
+mod config;
 mod failure;
 mod future;
 mod grpc;
 mod layer;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod observe;
 mod replay;
 mod response;
 mod retry;
 mod service;
 
+#[cfg(feature = "metrics")]
+pub use self::metrics::MetricsObserver;
 pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};
 pub use breaker::{BreakerHandle, BreakerMode, BreakerSnapshot, CircuitBreaker, CircuitState};
 pub use classify::{
     classify_fn, failure_kind_of, Classify, ClassifyFn, DefaultClassifier, ResponseClass,
 };
+#[cfg(feature = "serde")]
+pub use config::{BreakerKeys, CircuitBreakerConfig, GuardConfig, RetryConfig};
 pub use failure::{FailureKind, GuardFailure};
 pub use future::ResponseFuture;
 pub use grpc::{encode_grpc_timeout, parse_grpc_timeout};

@@ -61,7 +61,7 @@ fn backoff_must_be_positive_and_ordered() {
 fn budget_ratio_must_be_a_sane_number() {
     for ratio in [-0.1, f64::NAN, f64::INFINITY, 1e9] {
         let err = error_of(UpstreamGuardLayer::builder().retry(Retry::default().budget(ratio, 10)));
-        assert_eq!(err.field(), "retry.budget.ratio", "ratio = {ratio}");
+        assert_eq!(err.field(), "retry.budget_ratio", "ratio = {ratio}");
     }
 }
 
@@ -70,7 +70,7 @@ fn budget_window_is_bounded() {
     for window in [Duration::ZERO, Duration::from_secs(61)] {
         let err =
             error_of(UpstreamGuardLayer::builder().retry(Retry::default().budget_window(window)));
-        assert_eq!(err.field(), "retry.budget.window");
+        assert_eq!(err.field(), "retry.budget_window");
     }
 }
 
