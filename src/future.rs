@@ -508,6 +508,24 @@ where
         ((now + self.shared.attempt_timeout).min(deadline), deadline)
     }
 
+    /// If the current attempt's time is up: which timeout ended it. Only asked
+    /// when an attempt that had to wait fails, so it costs no clock read on the
+    /// fast path.
+    fn timed_out_kind(&mut self) -> Option<FailureKind> {
+        if !self.armed {
+            return None;
+        }
+        let (end, deadline) = self.attempt_end();
+        if Instant::now() < end {
+            return None;
+        }
+        Some(if end >= deadline {
+            FailureKind::DeadlineExceeded
+        } else {
+            FailureKind::AttemptTimeout
+        })
+    }
+
     /// The first attempt's request, from the original head.
     fn first_request(&mut self, parts: Parts, body: RequestBody<B>) -> Request<RequestBody<B>> {
         let mut request = Request::from_parts(parts, body);
@@ -853,7 +871,13 @@ where
                         }
                         Poll::Ready(Err(error)) => {
                             let error: BoxError = error.into();
-                            let kind = ctx.shared.classifier.error_kind(&*error);
+                            let kind = match ctx.timed_out_kind() {
+                                // The inner service's own timer (e.g. tonic's, run
+                                // from the grpc-timeout we sent) fired with ours:
+                                // it is our timeout, not a broken connection.
+                                Some(timeout) => timeout,
+                                None => ctx.shared.classifier.error_kind(&*error),
+                            };
                             Attempted::failed(kind, error)
                         }
                         Poll::Pending => {
@@ -864,12 +888,9 @@ where
                             }
                             match this.timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
                                 Some(Poll::Ready(())) => {
-                                    let (end, deadline) = ctx.attempt_end();
-                                    let kind = if end >= deadline {
-                                        FailureKind::DeadlineExceeded
-                                    } else {
-                                        FailureKind::AttemptTimeout
-                                    };
+                                    // The timer fired, so the attempt's time is up.
+                                    let kind =
+                                        ctx.timed_out_kind().unwrap_or(FailureKind::AttemptTimeout);
                                     Attempted::Failed(kind, None)
                                 }
                                 _ => return Poll::Pending,

@@ -446,3 +446,21 @@ async fn a_dropped_request_gives_back_its_probe_and_permit() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn snapshots_serialize_to_json_for_health_endpoints() {
+    let upstream = Upstream::start().await;
+    let breaker = CircuitBreaker::consecutive_failures(1).open_for(Duration::from_secs(30));
+    let guard = layer(breaker, Transitions::default());
+    send(&guarded(&guard), get(&upstream.url("/status/500"))).await;
+    let snapshot = guard
+        .breaker_handle()
+        .unwrap()
+        .snapshot_for(&upstream.authority())
+        .unwrap();
+    let json = serde_json::to_value(&snapshot).unwrap();
+    assert_eq!(json["state"], "open");
+    assert_eq!(json["trips"], 1);
+    let ms = json["until_half_open_ms"].as_u64().unwrap();
+    assert!(ms > 25_000 && ms <= 30_000, "{ms}");
+}

@@ -323,6 +323,14 @@ impl CircuitBreaker {
     }
 }
 
+/// Serializes an optional duration as whole milliseconds.
+fn millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        None => s.serialize_none(),
+    }
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -590,8 +598,9 @@ impl Breakers {
     }
 }
 
-/// A point-in-time view of one breaker, e.g. for a health endpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A point-in-time view of one breaker, e.g. for a health endpoint. Serializes
+/// to JSON with durations in milliseconds (`until_half_open_ms`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct BreakerSnapshot {
     /// The state, including an operator's override.
@@ -605,6 +614,7 @@ pub struct BreakerSnapshot {
     /// Slow calls in the rate window.
     pub window_slow_calls: u64,
     /// For an open breaker: how long until it lets a probe through.
+    #[serde(rename = "until_half_open_ms", serialize_with = "millis")]
     pub until_half_open: Option<Duration>,
     /// Trips in a row (the open period doubles with each).
     pub trips: u32,
