@@ -1,0 +1,512 @@
+//! # A guarded tonic client
+//!
+//! Puts [`UpstreamGuardLayer`] around a tonic [`Channel`] and calls the standard
+//! gRPC health service (`grpc.health.v1.Health`, from `tonic-health`: no protoc
+//! needed) on servers this example starts on 127.0.0.1. It shows, and prints:
+//!
+//! - **(a)** a normal call;
+//! - **(b)** a server slower than the attempt timeout: the guard answers
+//!   `grpc-status: 4` and the client sees `Code::DeadlineExceeded`;
+//! - **(c)** a server that is down (connection refused): `Code::Unavailable`;
+//! - **(d)** the `grpc-timeout` header the server receives: the guard sets it to
+//!   what the attempt may still take (the attempt timeout, or what is left of the
+//!   deadline or of the caller's own `grpc-timeout` if that is less);
+//! - **(e)** a server that answers the first calls with a trailers-only
+//!   `UNAVAILABLE`: the guard retries a call marked idempotent, and the client
+//!   gets `OK`.
+//!
+//! ```sh
+//! cargo run --example tonic_client
+//! ```
+//!
+//! ## The wiring
+//!
+//! The guard hands its inner service a [`RequestBody<B>`] (the caller's body, or a
+//! buffered copy for a retry); a `Channel` takes only `tonic::body::Body`, so one
+//! `map_request` adapts it:
+//!
+//! ```ignore
+//! let guarded = ServiceBuilder::new()
+//!     .layer(guard)
+//!     .map_request(|r: http::Request<RequestBody<Body>>| r.map(Body::new))
+//!     .service(channel);
+//! let client = HealthClient::with_origin(guarded, "http://127.0.0.1:50051".parse()?);
+//! ```
+//!
+//! `with_origin` rather than `new`: a tonic client built with `new` sends requests
+//! whose URI is only a path, so the guard cannot key its circuit breaker by
+//! upstream (every channel behind one guard would share one breaker) nor name the
+//! upstream in its failures.
+//!
+//! ## Three things to know for gRPC
+//!
+//! - **Retries need an `idempotency-key`.** Every gRPC call is an HTTP `POST`, and
+//!   the guard only resends a request that may have reached the upstream when it is
+//!   idempotent. A call that is safe to repeat (like a health check) says so with
+//!   `idempotency-key` metadata; without it an `UNAVAILABLE` answer is passed to
+//!   the caller as it is. (A refused connection is retried either way: nothing was
+//!   sent.) A unary request body is buffered for replay: tonic's encoder yields the
+//!   one message and then the end of the body without ever returning `Pending`.
+//! - **The channel enforces the `grpc-timeout` the guard sets**, with a timer of its
+//!   own that ends at about the same instant as the guard's. Its error,
+//!   `tonic::TimeoutExpired`, is not a timeout the guard knows, so this example's
+//!   classifier ([`TonicClassifier`]) maps it to an attempt timeout; otherwise a slow
+//!   server can come out as `UNAVAILABLE` instead of `DEADLINE_EXCEEDED`.
+//! - **A tonic server enforces it too**: it cuts a slow call off itself, answering
+//!   `CANCELLED`, at about the instant the guard gives up. On loopback that answer
+//!   sometimes arrives first (a few calls in a hundred) and passes through as the
+//!   upstream's own answer. So the slow server in (b) ignores `grpc-timeout`, to
+//!   show the guard's answer every time.
+
+use std::error::Error;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Code, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tower::layer::layer_fn;
+use tower::util::MapRequest;
+use tower::{Service, ServiceBuilder};
+use upstream_guard::{
+    failure_kind_of, AttemptOutcome, Classify, DefaultClassifier, FailureKind, Observer,
+    RequestBody, ResponseClass, Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard,
+    UpstreamGuardLayer,
+};
+
+/// The adapter from the guard's request body to the body a `Channel` takes.
+type TonicAdapter = fn(http::Request<RequestBody<Body>>) -> http::Request<Body>;
+
+/// A tonic `Channel` behind the guard.
+type GuardedChannel = UpstreamGuard<MapRequest<Channel, TonicAdapter>>;
+
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+const DEADLINE: Duration = Duration::from_secs(2);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    normal_call().await?;
+    slow_server().await?;
+    server_down().await?;
+    grpc_timeout_propagation().await?;
+    unavailable_is_retried().await?;
+    println!("\nall scenarios done");
+    Ok(())
+}
+
+/// (a) A healthy server answers `SERVING`.
+async fn normal_call() -> Result<(), Box<dyn Error>> {
+    println!("(a) normal call");
+    let server = DemoServer::start(Faults::default()).await;
+    let mut client = guarded_client(server.addr, &guard(Retry::default()));
+    let started = Instant::now();
+    let answer = client.check(health_check()).await?;
+    println!(
+        "    OK: {:?} in {:?}",
+        answer.into_inner().status(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// (b) A server slower than the attempt timeout: `DEADLINE_EXCEEDED`.
+async fn slow_server() -> Result<(), Box<dyn Error>> {
+    println!("(b) a server that takes 2 s and ignores grpc-timeout; attempt timeout {ATTEMPT_TIMEOUT:?}, 1 attempt");
+    let server = DemoServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(2))).await;
+    let mut client = guarded_client(server.addr, &guard(Retry::disabled()));
+    let started = Instant::now();
+    let status = expect_error(client.check(health_check()).await)?;
+    println!(
+        "    {:?} after {:?}: {:?}",
+        status.code(),
+        started.elapsed(),
+        status.message()
+    );
+    Ok(())
+}
+
+/// (c) Nothing listens: `UNAVAILABLE`, after the guard retried the refused
+/// connection (a request that never left is safe to resend).
+async fn server_down() -> Result<(), Box<dyn Error>> {
+    println!("(c) a server that is down (connection refused)");
+    let addr = refused_addr().await;
+    let mut client = guarded_client(addr, &guard(quick_retry()));
+    let started = Instant::now();
+    let status = expect_error(client.check(health_check()).await)?;
+    println!(
+        "    {:?} after {:?}: {:?}",
+        status.code(),
+        started.elapsed(),
+        status.message()
+    );
+    Ok(())
+}
+
+/// (d) What the server is told about its time: the `grpc-timeout` it receives.
+async fn grpc_timeout_propagation() -> Result<(), Box<dyn Error>> {
+    println!("(d) grpc-timeout seen by the server");
+    let server = DemoServer::start(Faults::default()).await;
+    let mut client = guarded_client(server.addr, &guard(Retry::default()));
+
+    client.check(health_check()).await?;
+    let mut short = tonic::Request::new(HealthCheckRequest::default());
+    short.set_timeout(Duration::from_millis(120));
+    client.check(short).await?;
+
+    let seen = server.faults.grpc_timeouts();
+    println!(
+        "    no client timeout       -> {} (attempt timeout {ATTEMPT_TIMEOUT:?})",
+        describe_timeout(seen.first())
+    );
+    println!(
+        "    client timeout of 120ms -> {}",
+        describe_timeout(seen.get(1))
+    );
+    Ok(())
+}
+
+/// (e) A server that answers `UNAVAILABLE` twice, then serves: retried when the
+/// call says it is safe to repeat.
+async fn unavailable_is_retried() -> Result<(), Box<dyn Error>> {
+    println!("(e) a server that answers UNAVAILABLE to its first 2 calls, 3 attempts");
+    let guard = guard(quick_retry());
+
+    let server = DemoServer::start(Faults::unavailable_first(2)).await;
+    let mut client = guarded_client(server.addr, &guard);
+    let plain = client.check(health_check()).await;
+    println!(
+        "    without idempotency-key: {} after {} server call(s)",
+        describe(&plain),
+        server.faults.calls()
+    );
+
+    let server = DemoServer::start(Faults::unavailable_first(2)).await;
+    let mut client = guarded_client(server.addr, &guard);
+    let mut keyed = health_check();
+    keyed
+        .metadata_mut()
+        .insert("idempotency-key", "health-check-1".parse()?);
+    let retried = client.check(keyed).await;
+    println!(
+        "    with idempotency-key:    {} after {} server call(s)",
+        describe(&retried),
+        server.faults.calls()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The guarded client
+// ---------------------------------------------------------------------------
+
+/// The guard used in every scenario, with the given retry policy.
+fn guard(retry: Retry) -> UpstreamGuardLayer {
+    UpstreamGuardLayer::builder()
+        .attempt_timeout(ATTEMPT_TIMEOUT)
+        .deadline(DEADLINE)
+        .retry(retry)
+        .classifier(TonicClassifier::default())
+        .observer(PrintRetries)
+        .build()
+        .expect("a valid guard configuration")
+}
+
+fn quick_retry() -> Retry {
+    Retry::default()
+        .max_attempts(3)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+}
+
+/// A health client whose channel to `addr` is behind the guard. The channel
+/// connects lazily, so a server that is down fails the call, not this function.
+fn guarded_client(addr: SocketAddr, guard: &UpstreamGuardLayer) -> HealthClient<GuardedChannel> {
+    let origin: Uri = format!("http://{addr}").parse().expect("a valid URI");
+    let channel = Endpoint::from(origin.clone()).connect_lazy();
+    let adapter: TonicAdapter = |request| request.map(Body::new);
+    let guarded = ServiceBuilder::new()
+        .layer(guard.clone())
+        .map_request(adapter)
+        .service(channel);
+    // `with_origin`, not `new`: requests then carry the server's authority, which
+    // keys the guard's per-upstream circuit breaker and names the upstream.
+    HealthClient::with_origin(guarded, origin)
+}
+
+/// The default classifier, plus tonic's own `grpc-timeout` timer: when the
+/// channel gives up on the `grpc-timeout` the guard sent, that is the attempt
+/// timing out, not a broken connection.
+#[derive(Clone, Debug, Default)]
+struct TonicClassifier(DefaultClassifier);
+
+impl Classify for TonicClassifier {
+    fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> ResponseClass {
+        self.0.classify_response(status, headers)
+    }
+
+    fn error_kind(&self, error: &(dyn Error + 'static)) -> FailureKind {
+        let mut link = Some(error);
+        while let Some(err) = link {
+            if err.is::<tonic::TimeoutExpired>() {
+                return FailureKind::AttemptTimeout;
+            }
+            link = err.source();
+        }
+        failure_kind_of(error)
+    }
+}
+
+/// Prints the guard's retry decisions.
+struct PrintRetries;
+
+impl Observer for PrintRetries {
+    fn on_retry(&self, event: &RetryEvent<'_>) {
+        // A trailers-only gRPC error is an HTTP 200 whose `grpc-status` header
+        // the classifier found retryable (14, UNAVAILABLE).
+        let why = match event.reason() {
+            AttemptOutcome::Response { status, .. } => {
+                format!("HTTP {status} with a retryable grpc-status")
+            }
+            other => other.to_string(),
+        };
+        println!(
+            "    guard: attempt {} failed ({why}), retrying in {:?}",
+            event.failed_attempt(),
+            event.backoff()
+        );
+    }
+
+    fn on_retry_denied(&self, event: &RetryDeniedEvent<'_>) {
+        println!(
+            "    guard: attempt {} failed, not retried: {}",
+            event.failed_attempt(),
+            event.reason().as_str()
+        );
+    }
+}
+
+fn health_check() -> tonic::Request<HealthCheckRequest> {
+    tonic::Request::new(HealthCheckRequest::default())
+}
+
+fn expect_error<T>(result: Result<T, Status>) -> Result<Status, Box<dyn Error>> {
+    match result {
+        Ok(_) => Err("the call succeeded, but this scenario expects an error".into()),
+        Err(status) => Ok(status),
+    }
+}
+
+fn describe<T>(result: &Result<T, Status>) -> String {
+    match result {
+        Ok(_) => "OK".to_string(),
+        Err(status) => format!("{:?}", status.code()),
+    }
+}
+
+fn describe_timeout(value: Option<&String>) -> String {
+    let Some(value) = value else {
+        return "no grpc-timeout header".to_string();
+    };
+    match upstream_guard::parse_grpc_timeout(value.as_bytes()) {
+        Some(timeout) => format!("grpc-timeout: {value} ({timeout:?})"),
+        None => format!("grpc-timeout: {value} (malformed)"),
+    }
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+async fn refused_addr() -> SocketAddr {
+    let (_listener, addr) = bind().await;
+    addr
+}
+
+// ---------------------------------------------------------------------------
+// The gRPC server, with injected faults
+// ---------------------------------------------------------------------------
+
+/// What a test server does wrong, and what it saw.
+#[derive(Debug, Default)]
+struct Faults {
+    /// Wait this long before answering.
+    delay: Duration,
+    /// Answer this many first calls with a trailers-only `UNAVAILABLE`.
+    unavailable_first: usize,
+    calls: AtomicUsize,
+    grpc_timeouts: Mutex<Vec<String>>,
+}
+
+impl Faults {
+    fn delay(delay: Duration) -> Faults {
+        Faults {
+            delay,
+            ..Faults::default()
+        }
+    }
+
+    fn unavailable_first(n: usize) -> Faults {
+        Faults {
+            unavailable_first: n,
+            ..Faults::default()
+        }
+    }
+
+    /// Calls that reached the server so far.
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The `grpc-timeout` of each call, in order.
+    fn grpc_timeouts(&self) -> Vec<String> {
+        self.grpc_timeouts
+            .lock()
+            .map(|seen| seen.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A `grpc.health.v1.Health` server on 127.0.0.1, with faults.
+struct DemoServer {
+    addr: SocketAddr,
+    faults: Arc<Faults>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DemoServer {
+    /// A tonic `Server`. Like any gRPC server should, it enforces the
+    /// `grpc-timeout` it receives: it cuts a slow call off itself (with
+    /// `CANCELLED`), at about the instant the guard gives up too.
+    async fn start(faults: Faults) -> DemoServer {
+        let (listener, addr) = bind().await;
+        let faults = Arc::new(faults);
+        let layer_faults = Arc::clone(&faults);
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let server = Server::builder()
+            .layer(layer_fn(move |inner| Faulty {
+                inner,
+                faults: Arc::clone(&layer_faults),
+            }))
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener));
+        let task = tokio::spawn(async move {
+            if let Err(error) = server.await {
+                eprintln!("test server failed: {error}");
+            }
+        });
+        DemoServer { addr, faults, task }
+    }
+
+    /// The same service on bare hyper HTTP/2 connections, which ignore
+    /// `grpc-timeout`: a slow call runs to its end, so what the client sees is the
+    /// guard's own answer.
+    async fn start_ignoring_deadlines(faults: Faults) -> DemoServer {
+        let (listener, addr) = bind().await;
+        let faults = Arc::new(faults);
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let service = ServiceBuilder::new()
+            .map_request(|request: http::Request<Incoming>| request.map(Body::new))
+            .layer_fn({
+                let faults = Arc::clone(&faults);
+                move |inner| Faulty {
+                    inner,
+                    faults: Arc::clone(&faults),
+                }
+            })
+            .service(Routes::new(health).prepare());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _peer)) = listener.accept().await {
+                let connection = http2::Builder::new(TokioExecutor::new()).serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service.clone()),
+                );
+                tokio::spawn(connection);
+            }
+        });
+        DemoServer { addr, faults, task }
+    }
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("a bound listener's address");
+    (listener, addr)
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A server-side tower service that counts calls, records `grpc-timeout`, and
+/// injects the configured faults before the real service.
+#[derive(Clone)]
+struct Faulty<S> {
+    inner: S,
+    faults: Arc<Faults>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Faulty<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Error: Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let call = self.faults.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(timeout) = request.headers().get("grpc-timeout") {
+            if let Ok(mut seen) = self.faults.grpc_timeouts.lock() {
+                seen.push(String::from_utf8_lossy(timeout.as_bytes()).into_owned());
+            }
+        }
+        if call <= self.faults.unavailable_first {
+            return Box::pin(std::future::ready(Ok(trailers_only_unavailable())));
+        }
+        let delay = self.faults.delay;
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            response.await
+        })
+    }
+}
+
+/// A trailers-only gRPC response: HTTP 200 with `grpc-status: 14` in the headers.
+fn trailers_only_unavailable() -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(Code::Unavailable as i32),
+    );
+    headers.insert("grpc-message", http::HeaderValue::from_static("warming up"));
+    response
+}
