@@ -48,10 +48,9 @@
 //!   sent.) A unary request body is buffered for replay: tonic's encoder yields the
 //!   one message and then the end of the body without ever returning `Pending`.
 //! - **The channel enforces the `grpc-timeout` the guard sets**, with a timer of its
-//!   own that ends at about the same instant as the guard's. Its error,
-//!   `tonic::TimeoutExpired`, is not a timeout the guard knows, so this example's
-//!   classifier ([`TonicClassifier`]) maps it to an attempt timeout; otherwise a slow
-//!   server can come out as `UNAVAILABLE` instead of `DEADLINE_EXCEEDED`.
+//!   own that ends at about the same instant as the guard's. The guard takes an
+//!   inner failure at the end of the attempt's time for its own timeout, so a slow
+//!   server comes out as `DEADLINE_EXCEEDED`, never as `UNAVAILABLE`.
 //! - **A tonic server enforces it too**: it cuts a slow call off itself, answering
 //!   `CANCELLED`, at about the instant the guard gives up. On loopback that answer
 //!   sometimes arrives first (a few calls in a hundred) and passes through as the
@@ -67,7 +66,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, StatusCode, Uri};
+use http::Uri;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -84,8 +83,7 @@ use tower::layer::layer_fn;
 use tower::util::MapRequest;
 use tower::{Service, ServiceBuilder};
 use upstream_guard::{
-    failure_kind_of, AttemptOutcome, Classify, DefaultClassifier, FailureKind, Observer,
-    RequestBody, ResponseClass, Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard,
+    AttemptOutcome, Observer, RequestBody, Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard,
     UpstreamGuardLayer,
 };
 
@@ -220,7 +218,6 @@ fn guard(retry: Retry) -> UpstreamGuardLayer {
         .attempt_timeout(ATTEMPT_TIMEOUT)
         .deadline(DEADLINE)
         .retry(retry)
-        .classifier(TonicClassifier::default())
         .observer(PrintRetries)
         .build()
         .expect("a valid guard configuration")
@@ -245,29 +242,6 @@ fn guarded_client(addr: SocketAddr, guard: &UpstreamGuardLayer) -> HealthClient<
     // `with_origin`, not `new`: requests then carry the server's authority, which
     // keys the guard's per-upstream circuit breaker and names the upstream.
     HealthClient::with_origin(guarded, origin)
-}
-
-/// The default classifier, plus tonic's own `grpc-timeout` timer: when the
-/// channel gives up on the `grpc-timeout` the guard sent, that is the attempt
-/// timing out, not a broken connection.
-#[derive(Clone, Debug, Default)]
-struct TonicClassifier(DefaultClassifier);
-
-impl Classify for TonicClassifier {
-    fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> ResponseClass {
-        self.0.classify_response(status, headers)
-    }
-
-    fn error_kind(&self, error: &(dyn Error + 'static)) -> FailureKind {
-        let mut link = Some(error);
-        while let Some(err) = link {
-            if err.is::<tonic::TimeoutExpired>() {
-                return FailureKind::AttemptTimeout;
-            }
-            link = err.source();
-        }
-        failure_kind_of(error)
-    }
 }
 
 /// Prints the guard's retry decisions.

@@ -380,6 +380,9 @@ fn upstream_name<'a>(shared: &'a Shared, info: &'a Info) -> Option<&'a str> {
         .or(info.authority.as_ref().map(Authority::as_str))
 }
 
+/// How early an inner failure may come and still be taken for our timeout.
+const TIMER_TOLERANCE: Duration = Duration::from_millis(5);
+
 /// What to do after an attempt.
 enum Next<R> {
     Retry { backoff: Duration },
@@ -516,7 +519,11 @@ where
             return None;
         }
         let (end, deadline) = self.attempt_end();
-        if Instant::now() < end {
+        // An inner timer started from the grpc-timeout we sent (rounded down to
+        // the unit) can fire a hair before ours: a failure that close to the end
+        // is that timer, not a broken connection.
+        let tolerance = (self.shared.attempt_timeout / 100).min(TIMER_TOLERANCE);
+        if Instant::now() + tolerance < end {
             return None;
         }
         Some(if end >= deadline {

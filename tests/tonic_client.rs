@@ -3,7 +3,6 @@
 //! shows it: a normal call, a slow server, a refused port, `grpc-timeout`
 //! propagation, retried `UNAVAILABLE` answers, and an open circuit.
 
-use std::error::Error;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, StatusCode, Uri};
+use http::Uri;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -30,8 +29,7 @@ use tower::layer::layer_fn;
 use tower::util::MapRequest;
 use tower::{Service, ServiceBuilder};
 use upstream_guard::{
-    failure_kind_of, parse_grpc_timeout, CircuitBreaker, Classify, DefaultClassifier, FailureKind,
-    RequestBody, ResponseClass, Retry, UpstreamGuard, UpstreamGuardLayer,
+    parse_grpc_timeout, CircuitBreaker, RequestBody, Retry, UpstreamGuard, UpstreamGuardLayer,
 };
 
 /// Slack for timing assertions: scheduling on a busy CI machine.
@@ -314,7 +312,6 @@ fn guard(config: &Guard) -> UpstreamGuardLayer {
         .deadline(config.deadline)
         .retry(config.retry.clone())
         .circuit_breaker(config.breaker.clone())
-        .classifier(TonicClassifier::default())
         .build()
         .expect("a valid guard configuration")
 }
@@ -334,27 +331,6 @@ fn guarded_client(addr: SocketAddr, guard: &UpstreamGuardLayer) -> HealthClient<
         .map_request(adapter)
         .service(channel);
     HealthClient::with_origin(guarded, origin)
-}
-
-/// The default classifier, plus tonic's own `grpc-timeout` timer in the channel.
-#[derive(Clone, Debug, Default)]
-struct TonicClassifier(DefaultClassifier);
-
-impl Classify for TonicClassifier {
-    fn classify_response(&self, status: StatusCode, headers: &HeaderMap) -> ResponseClass {
-        self.0.classify_response(status, headers)
-    }
-
-    fn error_kind(&self, error: &(dyn Error + 'static)) -> FailureKind {
-        let mut link = Some(error);
-        while let Some(err) = link {
-            if err.is::<tonic::TimeoutExpired>() {
-                return FailureKind::AttemptTimeout;
-            }
-            link = err.source();
-        }
-        failure_kind_of(error)
-    }
 }
 
 fn health_check() -> tonic::Request<HealthCheckRequest> {
