@@ -1,30 +1,78 @@
-//! A [tower](https://docs.rs/tower) layer that guards calls to an upstream service with **timeouts**,
-//! **retries** and a **retry budget**, and turns every failure into a
-//! **well-formed response**: `502`, `503` or `504` with an RFC 9457
-//! `application/problem+json` body, or a trailers-only gRPC status for gRPC
-//! requests. It emits [`tracing`] spans and calls an [`Observer`] for metrics.
+//! A [tower](https://docs.rs/tower) layer that guards the calls your service makes
+//! to an upstream: **per-attempt timeouts and a deadline**, **retries** with
+//! jittered backoff inside a **retry budget**, a **circuit breaker** per upstream,
+//! and every failure turned into a **well-formed response** — `502`, `503` or
+//! `504` with an RFC 9457 `application/problem+json` body, or a trailers-only gRPC
+//! status for gRPC requests. It emits [`tracing`] spans and calls an
+//! [`Observer`] for metrics.
 //!
 //! ```
 //! use std::time::Duration;
-//! use axum::{routing::get, Router};
-//! use upstream_guard::{Retry, UpstreamGuardLayer};
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use upstream_guard::{CircuitBreaker, FailureKind, GuardFailure, RequestBody, Retry, UpstreamGuardLayer};
 //!
-//! # async fn call_upstream() -> &'static str { "ok" }
-//! # fn main() -> Result<(), upstream_guard::ConfigError> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), upstream_guard::BoxError> {
 //! let guard = UpstreamGuardLayer::builder()
 //!     .attempt_timeout(Duration::from_millis(800))
 //!     .deadline(Duration::from_secs(3))
 //!     .retry(Retry::default().max_attempts(3))
+//!     .circuit_breaker(CircuitBreaker::consecutive_failures(5).open_for(Duration::from_secs(10)))
 //!     .build()?;
 //!
-//! let app: Router = Router::new()
-//!     .route("/api", get(call_upstream))
-//!     .layer(guard);
+//! // An "upstream client" whose connections are always refused.
+//! let client = service_fn(|_: Request<RequestBody<Full<bytes::Bytes>>>| async {
+//!     Err::<Response<Full<bytes::Bytes>>, _>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+//! });
+//!
+//! let request = Request::get("http://payments.internal/charges").body(Full::default())?;
+//! let response = guard.layer(client).oneshot(request).await?;
+//!
+//! // Three attempts (a refused connection is safe to retry), then a 502...
+//! assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+//! let failure = response.extensions().get::<GuardFailure>().unwrap();
+//! assert_eq!((failure.kind(), failure.attempts()), (FailureKind::Connect, 3));
+//! // ...with a problem+json body that names the upstream but leaks no internals.
+//! let body = response.into_body().collect().await?.to_bytes();
+//! let problem: serde_json::Value = serde_json::from_slice(&body)?;
+//! assert_eq!(problem["type"], "urn:upstream-guard:problem:connect");
+//! assert_eq!(problem["upstream"], "payments.internal");
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! # What the guard answers
+//! # Where it goes
+//!
+//! The guard's error type is [`Infallible`](std::convert::Infallible): every
+//! failure is already a response, so it drops in wherever tower services go.
+//!
+//! ```text
+//!  axum service            client ──▶ Router ──▶ [ guard ] ──▶ handler ──▶ upstream
+//!  (Router::layer)                               retries the handler, times it out,
+//!                                                classifies its 5xx
+//!
+//!  reverse proxy           client ──▶ axum/hyper server ──▶ [ guard ] ──▶ hyper-util Client ──▶ upstream
+//!                                                           per-host breakers (authority key)
+//!
+//!  gRPC client             tonic stub ──▶ [ guard ] ──▶ map_request(Body::new) ──▶ Channel ──▶ server
+//!                                         grpc-status 14/4, grpc-timeout propagated
+//! ```
+//!
+//! The inner service receives [`RequestBody<B>`]: the caller's body, or a buffered
+//! copy when the request may be retried. axum's routes and hyper-util's
+//! `Client<_, RequestBody<B>>` take it as it is; tonic's `Channel` needs
+//! `.map_request(|r: Request<RequestBody<tonic::body::Body>>| r.map(tonic::body::Body::new))`.
+//! Build tonic stubs with `with_origin(guarded, uri)` rather than `new`, so
+//! requests carry the server's authority: it keys the circuit breaker and names
+//! the upstream in errors.
+//!
+//! Every clone of a layer, and every service it makes, shares one state (breakers,
+//! retry budget, observer): axum calls `Layer::layer` once per route and clones
+//! services per request, and the breaker still sees every failure.
+//!
+//! # What the caller gets
 //!
 //! | what happened | status | problem `type` |
 //! |---|---|---|
@@ -33,6 +81,9 @@
 //! | response that is not valid HTTP | 502 | `urn:upstream-guard:problem:malformed-response` |
 //! | last attempt timed out | 504 | `urn:upstream-guard:problem:attempt-timeout` |
 //! | overall deadline passed | 504 | `urn:upstream-guard:problem:deadline-exceeded` |
+//! | circuit open | 503 + `Retry-After` | `urn:upstream-guard:problem:circuit-open` |
+//! | concurrency cap reached | 503 | `urn:upstream-guard:problem:concurrency-limited` |
+//! | the caller's own request body failed | 400 | `urn:upstream-guard:problem:request-body` |
 //! | upstream answered 5xx, retries spent | the upstream's own response | — |
 //!
 //! Every synthesized response has `Cache-Control: no-store`, a correct
@@ -41,32 +92,47 @@
 //! [`expose_error_details`](Builder::expose_error_details) is on. gRPC requests
 //! (`content-type: application/grpc*`) get HTTP 200 with `grpc-status` 14
 //! (`UNAVAILABLE`) for 502/503 or 4 (`DEADLINE_EXCEEDED`) for 504.
+//! [`map_failure_response`](Builder::map_failure_response) can change or replace
+//! any synthesized response.
+//!
+//! # Defaults, and why
+//!
+//! - **Attempt timeout 5 s, deadline 15 s**: three attempts fit in the deadline,
+//!   and 15 s (Envoy's route timeout) is below most callers' own timeouts, so the
+//!   caller hears a 504 from us rather than giving up blind.
+//! - **3 attempts, 25 ms → 1 s full-jitter backoff**: full jitter spreads the
+//!   retries of many clients instead of synchronising them.
+//! - **Retry budget 20 % + 10/s** (Finagle, Linkerd): a failing upstream gets at
+//!   most 1.2× its normal load from retries, not 3×.
+//! - **Only safe retries**: idempotent methods or an `Idempotency-Key` once a
+//!   request may have reached the upstream; any method when it provably never left.
+//! - **Circuit breaker: 5 failures in a row, open 5 s doubling to 60 s, per
+//!   upstream authority**: a dead host is left alone quickly, and one dead host
+//!   never opens another's breaker.
+//! - **Replay bodies up to 64 KiB**: small bodies are buffered once and shared by
+//!   every attempt; larger or still-streaming bodies are sent once, whole.
 //!
 //! # Deadlines
 //!
 //! Each attempt may wait [`attempt_timeout`](Builder::attempt_timeout) for response
 //! headers; the whole request, with all attempts and backoff sleeps, may take
-//! [`deadline`](Builder::deadline). An inbound `grpc-timeout` shortens the
-//! deadline, and each attempt tells a gRPC upstream what is left in its own
-//! `grpc-timeout`. The clock starts once the request body needed for replay has
-//! been read (as in Envoy), or at once for gRPC.
+//! [`deadline`](Builder::deadline). No backoff sleeps past the deadline. An
+//! inbound `grpc-timeout` shortens the deadline, and each attempt tells a gRPC
+//! upstream what is left in its own `grpc-timeout`. The clock starts once a body
+//! to replay has been read (as in Envoy), or at once for gRPC. A
+//! [`body_idle_timeout`](Builder::body_idle_timeout) bounds a response body that
+//! stalls after its headers.
 //!
 //! # Observability
 //!
 //! One span `upstream_guard.request` (INFO) per request with the fields
 //! `http.request.method`, `server.address`, `http.response.status_code`,
-//! `error.type`, `upstream_guard.outcome` and `upstream_guard.attempts`; one child
-//! `upstream_guard.attempt` (DEBUG) per attempt with `upstream_guard.attempt`,
-//! `http.request.resend_count`, `http.response.status_code` and `error.type`.
-//! Retries are DEBUG events.
-//!
-//! # Placement
-//!
-//! The guard's error type is [`Infallible`](std::convert::Infallible), so it fits:
-//!
-//! - `axum::Router::layer`, over handlers that call upstreams;
-//! - around a `hyper_util` client (`Client<_, RequestBody<B>>`) in a reverse proxy;
-//! - around a tonic `Channel`, with the body adapter shown on [`RequestBody`].
+//! `error.type`, `upstream_guard.outcome`, `upstream_guard.attempts` and
+//! `upstream_guard.circuit_state`; one child `upstream_guard.attempt` (DEBUG) per
+//! attempt with `upstream_guard.attempt`, `http.request.resend_count`,
+//! `http.response.status_code` and `error.type`. Retries are DEBUG events and
+//! circuit transitions WARN events. An [`Observer`] receives every attempt,
+//! retry, denied retry, transition, rejection and final response.
 //!
 //! # Features
 //!
@@ -77,6 +143,8 @@
 //!   labels (see its module docs for every metric).
 //! - `serde`: [`GuardConfig`], a layer's whole configuration from a config file
 //!   (TOML, YAML, JSON...), with durations written like `"800ms"`.
+//!
+//! The minimum supported Rust version is 1.85.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
