@@ -187,10 +187,5 @@ pub use observe::{
 pub use retry::{parse_retry_after, Retry};
 pub use service::UpstreamGuard;
 
-/// The README's code blocks, compiled as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;
-
 /// A type-erased error, as used throughout the tower ecosystem.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -199,3 +199,28 @@ async fn the_breaker_opens_across_every_route_of_the_layer() {
         upstream_guard::CircuitState::Open
     );
 }
+
+/// The README's axum snippet, kept compiling and working.
+#[tokio::test]
+async fn the_readme_axum_snippet_builds_a_working_app() {
+    use upstream_guard::{CircuitBreaker, ConfigError};
+
+    async fn list_orders() -> &'static str {
+        "[]"
+    }
+
+    fn app() -> Result<Router, ConfigError> {
+        let guard = UpstreamGuardLayer::builder()
+            .attempt_timeout(Duration::from_millis(800))
+            .deadline(Duration::from_secs(3))
+            .retry(Retry::default().max_attempts(3))
+            .circuit_breaker(
+                CircuitBreaker::consecutive_failures(5).open_for(Duration::from_secs(10)),
+            )
+            .build()?;
+        Ok(Router::new().route("/api/orders", get(list_orders)).layer(guard))
+    }
+
+    let (status, body) = call(&app().unwrap(), "GET", "/api/orders", Bytes::new()).await;
+    assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"[]"[..]));
+}
