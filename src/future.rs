@@ -493,7 +493,7 @@ where
     fn start_clock(&mut self, now: Instant) {
         if self.started.is_none() {
             self.started = Some(now);
-            self.deadline = Some(now + self.budget);
+            self.deadline = Some(later(now, self.budget));
         }
         if self.attempt_started.is_none() {
             self.attempt_started = Some(now);
@@ -507,8 +507,11 @@ where
             self.start_clock(Instant::now());
         }
         let now = self.attempt_started.unwrap_or_else(Instant::now);
-        let deadline = self.deadline.unwrap_or(now + self.budget);
-        ((now + self.shared.attempt_timeout).min(deadline), deadline)
+        let deadline = self.deadline.unwrap_or(later(now, self.budget));
+        (
+            later(now, self.shared.attempt_timeout).min(deadline),
+            deadline,
+        )
     }
 
     /// If the current attempt's time is up: which timeout ended it. Only asked
@@ -523,7 +526,7 @@ where
         // the unit) can fire a hair before ours: a failure that close to the end
         // is that timer, not a broken connection.
         let tolerance = (self.shared.attempt_timeout / 100).min(TIMER_TOLERANCE);
-        if Instant::now() + tolerance < end {
+        if later(Instant::now(), tolerance) < end {
             return None;
         }
         Some(if end >= deadline {
@@ -747,9 +750,9 @@ where
         let backoff = asked.unwrap_or_else(|| retry.backoff_for(self.attempt));
         let now = Instant::now();
         self.start_clock(now);
-        let deadline = self.deadline.unwrap_or(now + self.budget);
+        let deadline = self.deadline.unwrap_or(later(now, self.budget));
         // A retry must have time to run: the sleep must end before the deadline.
-        if now + backoff >= deadline {
+        if later(now, backoff) >= deadline {
             return Err(RetryDenied::Deadline);
         }
         if let Some(budget) = &self.shared.budget {
@@ -913,7 +916,9 @@ where
                     }
                     // Between attempts, only the deadline limits waiting for the
                     // service to be ready.
-                    let deadline = ctx.deadline.unwrap_or_else(|| Instant::now() + ctx.budget);
+                    let deadline = ctx
+                        .deadline
+                        .unwrap_or_else(|| later(Instant::now(), ctx.budget));
                     arm(this.timer.as_mut(), deadline);
                     this.state.set(State::Readying);
                     continue;
@@ -1000,7 +1005,7 @@ where
             match ctx.after_attempt(attempted) {
                 Next::Retry { backoff } => {
                     let now = Instant::now();
-                    arm(this.timer.as_mut(), now + backoff);
+                    arm(this.timer.as_mut(), later(now, backoff));
                     this.state.set(State::Backoff);
                 }
                 Next::Finish(attempted) => {
@@ -1010,6 +1015,14 @@ where
             }
         }
     }
+}
+
+/// `now + d` that cannot overflow: an instant too far to represent becomes one
+/// about thirty years away, which no request will live to see.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// Sets the request's one timer to `at`, creating it the first time.
