@@ -27,7 +27,7 @@ impl Head {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
-            headers: parts.headers.clone(),
+            headers: header_pool::copy_of(&parts.headers),
             extensions: parts.extensions.clone(),
         }
     }
@@ -51,6 +51,64 @@ impl Head {
             *request.extensions_mut() = self.extensions.clone();
         }
         request
+    }
+}
+
+impl Drop for Head {
+    /// Most requests never retry: their copy of the headers goes back to the pool
+    /// for the next request, so keeping it cost no allocation.
+    fn drop(&mut self) {
+        header_pool::recycle(std::mem::take(&mut self.headers));
+    }
+}
+
+/// A small per-thread pool of header maps for [`Head`] copies.
+///
+/// Copying a request's headers for a possible retry would otherwise allocate
+/// a `HeaderMap` (two allocations) per request. A recycled map is cleared but
+/// keeps its capacity, so refilling it with a similar request's headers
+/// allocates nothing. The pool is per thread (no lock, no contention) and
+/// bounded in count and in each map's size, so it never holds much memory.
+mod header_pool {
+    use std::cell::RefCell;
+
+    use http::HeaderMap;
+
+    /// Maps kept per thread.
+    const MAX_MAPS: usize = 32;
+    /// Larger maps are not kept: one huge request must not pin memory.
+    const MAX_CAPACITY: usize = 128;
+
+    thread_local! {
+        static POOL: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn copy_of(source: &HeaderMap) -> HeaderMap {
+        let mut map = POOL
+            .try_with(|pool| pool.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        map.reserve(source.len());
+        for (name, value) in source {
+            map.append(name.clone(), value.clone());
+        }
+        map
+    }
+
+    pub(super) fn recycle(mut map: HeaderMap) {
+        if map.capacity() == 0 || map.capacity() > MAX_CAPACITY {
+            return;
+        }
+        map.clear();
+        // During thread teardown the pool may be gone: then the map just drops.
+        let _ = POOL.try_with(|pool| {
+            if let Ok(mut pool) = pool.try_borrow_mut() {
+                if pool.len() < MAX_MAPS {
+                    pool.push(map);
+                }
+            }
+        });
     }
 }
 
@@ -249,6 +307,31 @@ mod tests {
         buf.feed(Frame::<Bytes>::trailers(t));
         let replay = buf.finish();
         assert_eq!(replay.trailers.unwrap()["x-sum"], "1");
+    }
+
+    #[test]
+    fn a_head_copy_keeps_every_header_value_in_order() {
+        let mut request = Request::builder()
+            .method("PUT")
+            .uri("http://example.test/a?b=c")
+            .header("x-one", "1")
+            .header("set-cookie", "a")
+            .header("set-cookie", "b")
+            .body(())
+            .unwrap();
+        request.extensions_mut().insert(7u8);
+        let (parts, ()) = request.into_parts();
+        for _ in 0..3 {
+            // Recycled maps must come back empty: no header may leak across requests.
+            let mut head = Head::copy_of(&parts);
+            let copy = head.request(RequestBody::<()>::replay(Bytes::new(), None), false);
+            assert_eq!(copy.method(), "PUT");
+            assert_eq!(copy.uri(), "http://example.test/a?b=c");
+            assert_eq!(copy.headers(), &parts.headers);
+            let cookies: Vec<_> = copy.headers().get_all("set-cookie").iter().collect();
+            assert_eq!(cookies, ["a", "b"]);
+            assert_eq!(copy.extensions().get::<u8>(), Some(&7));
+        }
     }
 
     #[test]
