@@ -218,7 +218,9 @@ async fn the_readme_axum_snippet_builds_a_working_app() {
                 CircuitBreaker::consecutive_failures(5).open_for(Duration::from_secs(10)),
             )
             .build()?;
-        Ok(Router::new().route("/api/orders", get(list_orders)).layer(guard))
+        Ok(Router::new()
+            .route("/api/orders", get(list_orders))
+            .layer(guard))
     }
 
     let (status, body) = call(&app().unwrap(), "GET", "/api/orders", Bytes::new()).await;
