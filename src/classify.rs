@@ -119,7 +119,8 @@ impl fmt::Debug for StatusSet {
 ///
 /// - Responses: statuses in the *failure* set (default: 500–599) are failures;
 ///   those also in the *retryable* set (default: 502, 503, 504) are retryable.
-/// - gRPC: a `grpc-status` response header (a trailers-only gRPC response) of
+/// - gRPC: on a response whose `content-type` is `application/grpc*`, a
+///   `grpc-status` header (a trailers-only gRPC response) of
 ///   `UNAVAILABLE` (14) is a retryable failure; `UNKNOWN` (2), `DEADLINE_EXCEEDED`
 ///   (4), `INTERNAL` (13) and `DATA_LOSS` (15) are failures. Statuses carried in
 ///   trailers after a body are not seen: the guard never waits for the body.
@@ -187,7 +188,12 @@ impl Classify for DefaultClassifier {
         if self.failure.contains(code) {
             return ResponseClass::Failure { retryable: false };
         }
-        if let Some(grpc_status) = headers.get("grpc-status") {
+        // Only a gRPC response can carry a grpc-status header worth reading; the
+        // content-type check (a standard header) is cheaper than looking it up.
+        if !crate::grpc::is_grpc(headers) {
+            return ResponseClass::Success;
+        }
+        if let Some(grpc_status) = headers.get(crate::grpc::GRPC_STATUS) {
             return match grpc_status.as_bytes() {
                 GRPC_UNAVAILABLE => ResponseClass::Failure { retryable: true },
                 GRPC_UNKNOWN | GRPC_DEADLINE_EXCEEDED | GRPC_INTERNAL | GRPC_DATA_LOSS => {
@@ -370,6 +376,7 @@ mod tests {
     fn grpc_unavailable_in_headers_is_a_retryable_failure() {
         let c = DefaultClassifier::new();
         let mut h = HeaderMap::new();
+        h.insert("content-type", "application/grpc".parse().unwrap());
         h.insert("grpc-status", "14".parse().unwrap());
         assert_eq!(
             c.classify_response(StatusCode::OK, &h),
@@ -385,5 +392,14 @@ mod tests {
             c.classify_response(StatusCode::OK, &h),
             ResponseClass::Failure { retryable: false }
         );
+    }
+
+    #[test]
+    fn grpc_status_on_a_non_grpc_response_is_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("grpc-status", "14".parse().unwrap());
+        let class = DefaultClassifier::new().classify_response(StatusCode::OK, &h);
+        assert_eq!(class, ResponseClass::Success);
     }
 }

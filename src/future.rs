@@ -85,6 +85,9 @@ pin_project! {
     }
 }
 
+/// The `x-request-id` header name.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// Facts about the request, kept for responses, events and spans.
 struct Info {
     method: Method,
@@ -95,19 +98,30 @@ struct Info {
 }
 
 impl Info {
+    /// The facts needed on every request. The request id is only needed for an
+    /// error body: it is read later from the kept [`Head`], or kept here (see
+    /// [`Info::keep_head_facts`]) when the request will not be kept.
     fn new(parts: &Parts) -> Info {
         Info {
             method: parts.method.clone(),
             is_grpc: grpc::is_grpc(&parts.headers),
-            request_id: parts
-                .headers
-                .get("x-request-id")
-                .filter(|v| usable_request_id(v))
-                .cloned(),
-            authority: parts.uri.authority().cloned(),
+            request_id: None,
+            authority: None,
             safe_to_resend: is_safe_to_resend(&parts.method, &parts.headers),
         }
     }
+
+    /// Keeps what is read lazily from the request head, for a request whose
+    /// head will not be kept (no retries possible).
+    fn keep_head_facts(&mut self, parts: &Parts) {
+        self.request_id = request_id_in(parts.headers.get(X_REQUEST_ID));
+        self.authority = parts.uri.authority().cloned();
+    }
+}
+
+/// An `x-request-id` value fit to echo in an error body.
+fn request_id_in(value: Option<&HeaderValue>) -> Option<HeaderValue> {
+    value.filter(|v| usable_request_id(v)).cloned()
 }
 
 /// How an attempt ended, with what is needed to answer with it.
@@ -199,10 +213,10 @@ where
         shared: Arc<Shared>,
         key_cache: &mut KeyCache,
     ) -> Self {
-        let (mut parts, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         let info = Info::new(&parts);
         let budget = inbound_deadline(&shared, &info, &parts);
-        let request_span = request_span(&shared, &info);
+        let request_span = request_span(&shared, &info, &parts);
         if let Some(retry_budget) = &shared.budget {
             retry_budget.deposit();
         }
@@ -226,6 +240,7 @@ where
             shared,
         };
         if let Some(rejection) = ctx.admit(&parts, key_cache) {
+            ctx.info.keep_head_facts(&parts);
             ctx.rejection = Some(rejection);
             return ResponseFuture {
                 state: State::Rejected,
@@ -246,6 +261,7 @@ where
         };
         let state = match plan {
             Plan::Stream => {
+                ctx.info.keep_head_facts(&parts);
                 let request = ctx.first_request(parts, RequestBody::new(body));
                 State::Calling {
                     future: ctx.call(inner, request),
@@ -264,7 +280,6 @@ where
             }
             Plan::Buffer(mode) => {
                 ctx.service = Some(take_ready(inner));
-                grpc_timeout_placeholder(&mut parts);
                 ctx.pending = Some((parts, body));
                 ctx.buffer = Some(BodyBuffer::new(mode, ctx.shared.retry.max_replay_body));
                 State::Buffering
@@ -280,9 +295,10 @@ where
     /// Answers a request for which the inner service failed to become ready.
     pub(crate) fn not_ready(request: Request<B>, shared: Arc<Shared>, error: BoxError) -> Self {
         let (parts, _body) = request.into_parts();
-        let info = Info::new(&parts);
+        let mut info = Info::new(&parts);
+        info.keep_head_facts(&parts);
         let kind = shared.classifier.error_kind(&*error);
-        let request_span = request_span(&shared, &info);
+        let request_span = request_span(&shared, &info, &parts);
         ResponseFuture {
             state: State::Rejected,
             timer: None,
@@ -318,9 +334,6 @@ fn take_ready<S: Clone>(inner: &mut S) -> S {
     let clone = inner.clone();
     std::mem::replace(inner, clone)
 }
-
-/// The gRPC header is rewritten per attempt; nothing to do while buffering.
-fn grpc_timeout_placeholder(_parts: &mut Parts) {}
 
 /// How the request body will be handled.
 enum Plan {
@@ -360,11 +373,11 @@ fn inbound_deadline(shared: &Shared, info: &Info, parts: &Parts) -> Duration {
         .map_or(configured, |t| t.min(configured))
 }
 
-fn request_span(shared: &Shared, info: &Info) -> Span {
+fn request_span(shared: &Shared, info: &Info, parts: &Parts) -> Span {
     tracing::info_span!(
         "upstream_guard.request",
         "http.request.method" = %info.method,
-        "server.address" = upstream_name(shared, info),
+        "server.address" = upstream_name(shared, parts.uri.authority()),
         "http.response.status_code" = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
         "upstream_guard.outcome" = tracing::field::Empty,
@@ -373,11 +386,11 @@ fn request_span(shared: &Shared, info: &Info) -> Span {
     )
 }
 
-fn upstream_name<'a>(shared: &'a Shared, info: &'a Info) -> Option<&'a str> {
+fn upstream_name<'a>(shared: &'a Shared, authority: Option<&'a Authority>) -> Option<&'a str> {
     shared
         .upstream_name
         .as_deref()
-        .or(info.authority.as_ref().map(Authority::as_str))
+        .or(authority.map(Authority::as_str))
 }
 
 /// How early an inner failure may come and still be taken for our timeout.
@@ -395,10 +408,20 @@ where
     S::Error: Into<BoxError>,
     B: Body + Unpin,
 {
+    /// The request URI's authority: kept in [`Info`], or read from the kept head
+    /// (no copy needed), or from the head waiting for its body.
+    fn authority(&self) -> Option<&Authority> {
+        self.info
+            .authority
+            .as_ref()
+            .or_else(|| self.head.as_ref()?.uri().authority())
+            .or_else(|| self.pending.as_ref()?.0.uri.authority())
+    }
+
     fn facts(&self) -> RequestFacts<'_> {
         RequestFacts {
             method: &self.info.method,
-            upstream: upstream_name(&self.shared, &self.info),
+            upstream: upstream_name(&self.shared, self.authority()),
         }
     }
 
@@ -408,8 +431,10 @@ where
         let breakers = self.shared.breakers.as_ref()?;
         let target = breakers.target(parts, key_cache);
         let (admit, transition, state) = breakers.admit(target);
-        self.request_span
-            .record("upstream_guard.circuit_state", state.as_str());
+        if !self.request_span.is_disabled() {
+            self.request_span
+                .record("upstream_guard.circuit_state", state.as_str());
+        }
         if let Some(transition) = transition {
             self.emit_transition(target, transition);
         }
@@ -563,6 +588,9 @@ where
     fn call(&mut self, service: &mut S, request: Request<RequestBody<B>>) -> S::Future {
         self.attempt += 1;
         self.armed = false;
+        if self.request_span.is_disabled() {
+            return service.call(request);
+        }
         self.attempt_span = tracing::debug_span!(
             parent: &self.request_span,
             "upstream_guard.attempt",
@@ -571,6 +599,9 @@ where
             "http.response.status_code" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
         );
+        if self.attempt_span.is_disabled() {
+            return service.call(request);
+        }
         if self.attempt > 1 {
             self.attempt_span
                 .record("http.request.resend_count", self.attempt - 1);
@@ -634,6 +665,7 @@ where
             Some(pending) => pending,
             None => unreachable_pending(),
         };
+        self.info.keep_head_facts(&parts);
         self.first_request(parts, RequestBody::with_prefix(prefix, body))
     }
 
@@ -646,10 +678,18 @@ where
             .shared
             .upstream_name
             .clone()
-            .or_else(|| self.info.authority.as_ref().map(|a| Arc::from(a.as_str())));
+            .or_else(|| self.authority().map(|a| Arc::from(a.as_str())));
+        let request_id = self.info.request_id.clone().or_else(|| {
+            let kept = self.head.as_ref().and_then(|h| h.header(&X_REQUEST_ID));
+            let pending = self
+                .pending
+                .as_ref()
+                .and_then(|(p, _)| p.headers.get(X_REQUEST_ID));
+            request_id_in(kept.or(pending))
+        });
         GuardFailure::new(kind, self.attempt)
             .with_upstream(upstream)
-            .with_request_id(self.info.request_id.clone())
+            .with_request_id(request_id)
             .with_source(source)
     }
 
@@ -703,7 +743,11 @@ where
     }
 
     fn record_attempt(&self, outcome: AttemptOutcome) {
+        // Recording on a disabled span still costs (tracing's `log` feature
+        // looks at every field): skip it when nobody listens.
+        let traced = !self.attempt_span.is_disabled();
         match outcome {
+            _ if !traced => {}
             AttemptOutcome::Response { status, .. } => {
                 self.attempt_span
                     .record("http.response.status_code", status.as_u16());
@@ -798,19 +842,23 @@ where
         if let Some(hook) = &self.shared.failure_hook {
             hook(&failure, &mut response);
         }
-        self.request_span
-            .record("error.type", failure.kind().as_str());
+        if !self.request_span.is_disabled() {
+            self.request_span
+                .record("error.type", failure.kind().as_str());
+        }
         self.record_response(response.status(), Outcome::Failure(failure.kind()));
         response.map(ResponseBody::full)
     }
 
     fn record_response(&self, status: StatusCode, outcome: Outcome) {
         let span = &self.request_span;
-        span.record("http.response.status_code", status.as_u16());
-        span.record("upstream_guard.outcome", outcome.as_str());
-        span.record("upstream_guard.attempts", self.attempt);
-        if outcome == Outcome::UpstreamFailure {
-            span.record("error.type", status.as_str());
+        if !span.is_disabled() {
+            span.record("http.response.status_code", status.as_u16());
+            span.record("upstream_guard.outcome", outcome.as_str());
+            span.record("upstream_guard.attempts", self.attempt);
+            if outcome == Outcome::UpstreamFailure {
+                span.record("error.type", status.as_str());
+            }
         }
         self.shared.observer.on_response(&ResponseEvent {
             request: self.facts(),
@@ -866,7 +914,9 @@ where
                     }
                 },
                 StateProj::Calling { future } => {
-                    let polled = {
+                    let polled = if ctx.attempt_span.is_disabled() {
+                        future.poll(cx)
+                    } else {
                         let _entered = ctx.attempt_span.enter();
                         future.poll(cx)
                     };

@@ -4,8 +4,18 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
-/// The `grpc-timeout` header name.
-pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
+use http::HeaderName;
+
+/// The `grpc-timeout` header name. Header names are constants throughout: a
+/// `&str` name is parsed again on every lookup.
+pub(crate) const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// The `grpc-status` header name.
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// The `grpc-message` header name.
+pub(crate) const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// The `grpc-retry-pushback-ms` header name (gRFC A6).
+pub(crate) const GRPC_RETRY_PUSHBACK_MS: HeaderName =
+    HeaderName::from_static("grpc-retry-pushback-ms");
 
 /// Whether a request is a gRPC call: its `content-type` starts with
 /// `application/grpc` (this covers `application/grpc+proto`, `application/grpc-web`

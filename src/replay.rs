@@ -6,18 +6,22 @@
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body::Frame;
 
 use crate::body::{into_bytes, RequestBody};
 
 /// A copy of a request's head, to rebuild the request for a retry.
+///
+/// The headers are kept as a flat list, not a `HeaderMap`: pushing clones onto a
+/// recycled list costs no hashing and no allocation, and the map is only built
+/// again when a retry actually happens.
 #[derive(Debug)]
 pub(crate) struct Head {
     method: Method,
     uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    headers: Vec<(HeaderName, HeaderValue)>,
     extensions: Extensions,
 }
 
@@ -32,8 +36,18 @@ impl Head {
         }
     }
 
-    /// Builds a request for another attempt. `last` moves the head out instead of
-    /// cloning it, for the final attempt.
+    /// The request URI.
+    pub(crate) fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The first value of a header.
+    pub(crate) fn header(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Builds a request for another attempt. `last` moves the extensions out
+    /// instead of cloning them, for the final attempt.
     pub(crate) fn request<B>(
         &mut self,
         body: RequestBody<B>,
@@ -43,69 +57,71 @@ impl Head {
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
-        if last {
-            *request.headers_mut() = std::mem::take(&mut self.headers);
-            *request.extensions_mut() = std::mem::take(&mut self.extensions);
-        } else {
-            *request.headers_mut() = self.headers.clone();
-            *request.extensions_mut() = self.extensions.clone();
+        let headers = request.headers_mut();
+        headers.reserve(self.headers.len());
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
         }
+        *request.extensions_mut() = if last {
+            std::mem::take(&mut self.extensions)
+        } else {
+            self.extensions.clone()
+        };
         request
     }
 }
 
 impl Drop for Head {
-    /// Most requests never retry: their copy of the headers goes back to the pool
-    /// for the next request, so keeping it cost no allocation.
+    /// Most requests never retry: their header list goes back to the pool for
+    /// the next request, so keeping it cost no allocation.
     fn drop(&mut self) {
         header_pool::recycle(std::mem::take(&mut self.headers));
     }
 }
 
-/// A small per-thread pool of header maps for [`Head`] copies.
+/// A small per-thread pool of header lists for [`Head`] copies.
 ///
-/// Copying a request's headers for a possible retry would otherwise allocate
-/// a `HeaderMap` (two allocations) per request. A recycled map is cleared but
-/// keeps its capacity, so refilling it with a similar request's headers
-/// allocates nothing. The pool is per thread (no lock, no contention) and
-/// bounded in count and in each map's size, so it never holds much memory.
+/// Copying a request's headers for a possible retry would otherwise allocate per
+/// request. A recycled list is cleared but keeps its capacity, so refilling it
+/// allocates nothing. The pool is per thread (no lock, no contention) and bounded
+/// in count and in each list's size, so it never holds much memory.
 mod header_pool {
     use std::cell::RefCell;
 
-    use http::HeaderMap;
+    use http::{HeaderMap, HeaderName, HeaderValue};
 
-    /// Maps kept per thread.
-    const MAX_MAPS: usize = 32;
-    /// Larger maps are not kept: one huge request must not pin memory.
+    type List = Vec<(HeaderName, HeaderValue)>;
+
+    /// Lists kept per thread.
+    const MAX_LISTS: usize = 32;
+    /// Longer lists are not kept: one huge request must not pin memory.
     const MAX_CAPACITY: usize = 128;
 
     thread_local! {
-        static POOL: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+        static POOL: RefCell<Vec<List>> = const { RefCell::new(Vec::new()) };
     }
 
-    pub(super) fn copy_of(source: &HeaderMap) -> HeaderMap {
-        let mut map = POOL
+    pub(super) fn copy_of(source: &HeaderMap) -> List {
+        let mut list = POOL
             .try_with(|pool| pool.borrow_mut().pop())
             .ok()
             .flatten()
             .unwrap_or_default();
-        map.reserve(source.len());
-        for (name, value) in source {
-            map.append(name.clone(), value.clone());
-        }
-        map
+        list.reserve(source.len());
+        list.extend(source.iter().map(|(n, v)| (n.clone(), v.clone())));
+        list
     }
 
-    pub(super) fn recycle(mut map: HeaderMap) {
-        if map.capacity() == 0 || map.capacity() > MAX_CAPACITY {
+    pub(super) fn recycle(mut list: List) {
+        if list.capacity() == 0 || list.capacity() > MAX_CAPACITY {
             return;
         }
-        map.clear();
-        // During thread teardown the pool may be gone: then the map just drops.
+        list.clear();
+        // During thread teardown the pool may be gone: then the list just drops.
         let _ = POOL.try_with(|pool| {
             if let Ok(mut pool) = pool.try_borrow_mut() {
-                if pool.len() < MAX_MAPS {
-                    pool.push(map);
+                if pool.len() < MAX_LISTS {
+                    pool.push(list);
                 }
             }
         });
@@ -116,12 +132,14 @@ mod header_pool {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ReplayBody {
     data: Bytes,
-    trailers: Option<HeaderMap>,
+    // Boxed: request trailers are rare, and an inline map would make every
+    // request's future bigger.
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl ReplayBody {
     pub(crate) fn body<B>(&self) -> RequestBody<B> {
-        RequestBody::replay(self.data.clone(), self.trailers.clone())
+        RequestBody::replay(self.data.clone(), self.trailers.as_deref().cloned())
     }
 }
 
@@ -152,7 +170,7 @@ pub(crate) struct BodyBuffer {
     first: Option<Bytes>,
     rest: BytesMut,
     len: usize,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl BodyBuffer {
@@ -193,7 +211,7 @@ impl BodyBuffer {
                 if let Ok(trailers) = frame.into_trailers() {
                     match &mut self.trailers {
                         Some(existing) => existing.extend(trailers),
-                        None => self.trailers = Some(trailers),
+                        None => self.trailers = Some(Box::new(trailers)),
                     }
                 }
                 Fed::More

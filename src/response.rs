@@ -119,16 +119,16 @@ fn grpc_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(
-        "grpc-status",
+        crate::grpc::GRPC_STATUS,
         HeaderValue::from(u16::from(failure.kind().grpc_code())),
     );
     if let Ok(value) = HeaderValue::from_str(&encoded) {
-        headers.insert("grpc-message", value);
+        headers.insert(crate::grpc::GRPC_MESSAGE, value);
     }
     if let Some(after) = failure.retry_after() {
         // gRPC's server pushback (gRFC A6): how long a retrying client should wait.
         let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-        headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+        headers.insert(crate::grpc::GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms));
     }
     response
 }

@@ -177,9 +177,12 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// The `Idempotency-Key` header name.
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
 /// Whether a request may be retried after it may have reached the upstream.
 pub(crate) fn is_safe_to_resend(method: &Method, headers: &HeaderMap) -> bool {
-    is_idempotent(method) || headers.contains_key("idempotency-key")
+    is_idempotent(method) || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Parses a `Retry-After` value: delay-seconds or an HTTP-date (relative to `now`).
