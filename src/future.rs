@@ -114,7 +114,9 @@ impl Info {
     /// Keeps what is read lazily from the request head, for a request whose
     /// head will not be kept (no retries possible).
     fn keep_head_facts(&mut self, parts: &Parts) {
-        self.request_id = request_id_in(parts.headers.get(X_REQUEST_ID));
+        // A linear scan of a few headers is cheaper than hashing a custom name.
+        let id = parts.headers.iter().find(|(name, _)| *name == X_REQUEST_ID);
+        self.request_id = request_id_in(id.map(|(_, value)| value));
         self.authority = parts.uri.authority().cloned();
     }
 }
