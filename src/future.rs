@@ -218,29 +218,10 @@ where
         let (parts, body) = request.into_parts();
         let info = Info::new(&parts);
         let budget = inbound_deadline(&shared, &info, &parts);
-        let request_span = request_span(&shared, &info, &parts);
         if let Some(retry_budget) = &shared.budget {
             retry_budget.deposit();
         }
-        let mut ctx = Ctx {
-            service: None,
-            pending: None,
-            buffer: None,
-            head: None,
-            replay: None,
-            attempt: 0,
-            started: None,
-            attempt_started: None,
-            deadline: None,
-            budget,
-            armed: false,
-            rejection: None,
-            ticket: None,
-            request_span,
-            attempt_span: Span::none(),
-            info,
-            shared,
-        };
+        let mut ctx = Ctx::new(shared, info, budget, &parts);
         if let Some(rejection) = ctx.admit(&parts, key_cache) {
             ctx.info.keep_head_facts(&parts);
             ctx.rejection = Some(rejection);
@@ -300,33 +281,17 @@ where
         let mut info = Info::new(&parts);
         info.keep_head_facts(&parts);
         let kind = shared.classifier.error_kind(&*error);
-        let request_span = request_span(&shared, &info, &parts);
+        let budget = shared.deadline;
+        let mut ctx = Ctx::new(shared, info, budget, &parts);
+        ctx.rejection = Some(Rejection {
+            kind,
+            source: Some(Arc::from(error)),
+            retry_after: None,
+        });
         ResponseFuture {
             state: State::Rejected,
             timer: None,
-            ctx: Ctx {
-                service: None,
-                pending: None,
-                buffer: None,
-                head: None,
-                replay: None,
-                attempt: 0,
-                started: None,
-                attempt_started: None,
-                deadline: None,
-                budget: shared.deadline,
-                armed: false,
-                rejection: Some(Rejection {
-                    kind,
-                    source: Some(Arc::from(error)),
-                    retry_after: None,
-                }),
-                ticket: None,
-                request_span,
-                attempt_span: Span::none(),
-                info,
-                shared,
-            },
+            ctx,
         }
     }
 }
@@ -410,6 +375,29 @@ where
     S::Error: Into<BoxError>,
     B: Body + Unpin,
 {
+    /// A request's state before anything has happened to it.
+    fn new(shared: Arc<Shared>, info: Info, budget: Duration, parts: &Parts) -> Self {
+        Ctx {
+            service: None,
+            pending: None,
+            buffer: None,
+            head: None,
+            replay: None,
+            attempt: 0,
+            started: None,
+            attempt_started: None,
+            deadline: None,
+            budget,
+            armed: false,
+            rejection: None,
+            ticket: None,
+            request_span: request_span(&shared, &info, parts),
+            attempt_span: Span::none(),
+            info,
+            shared,
+        }
+    }
+
     /// The request URI's authority: kept in [`Info`], or read from the kept head
     /// (no copy needed), or from the head waiting for its body.
     fn authority(&self) -> Option<&Authority> {
