@@ -38,6 +38,10 @@
 //! upstream (every channel behind one guard would share one breaker) nor name the
 //! upstream in its failures.
 //!
+//! That wiring (`guarded_client`) and the gRPC servers with injected faults live
+//! in `tests/support/grpc.rs`, which this example shares with
+//! `tests/tonic_client.rs`.
+//!
 //! ## Three things to know for gRPC
 //!
 //! - **Retries need an `idempotency-key`.** Every gRPC call is an HTTP `POST`, and
@@ -57,41 +61,19 @@
 //!   upstream's own answer. So the slow server in (b) ignores `grpc-timeout`, to
 //!   show the guard's answer every time.
 
+#[path = "../tests/support/grpc.rs"]
+mod grpc;
+
 use std::error::Error;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::Uri;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tonic::body::Body;
-use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Code, Status};
-use tonic_health::pb::health_client::HealthClient;
+use tonic::Status;
 use tonic_health::pb::HealthCheckRequest;
-use tower::layer::layer_fn;
-use tower::util::MapRequest;
-use tower::{Service, ServiceBuilder};
 use upstream_guard::{
-    AttemptOutcome, Observer, RequestBody, Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard,
-    UpstreamGuardLayer,
+    AttemptOutcome, Observer, Retry, RetryDeniedEvent, RetryEvent, UpstreamGuardLayer,
 };
 
-/// The adapter from the guard's request body to the body a `Channel` takes.
-type TonicAdapter = fn(http::Request<RequestBody<Body>>) -> http::Request<Body>;
-
-/// A tonic `Channel` behind the guard.
-type GuardedChannel = UpstreamGuard<MapRequest<Channel, TonicAdapter>>;
+use grpc::{guarded_client, health_check, refused_addr, Faults, HealthServer};
 
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -110,7 +92,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 /// (a) A healthy server answers `SERVING`.
 async fn normal_call() -> Result<(), Box<dyn Error>> {
     println!("(a) normal call");
-    let server = DemoServer::start(Faults::default()).await;
+    let server = HealthServer::start(Faults::default()).await;
     let mut client = guarded_client(server.addr, &guard(Retry::default()));
     let started = Instant::now();
     let answer = client.check(health_check()).await?;
@@ -125,7 +107,8 @@ async fn normal_call() -> Result<(), Box<dyn Error>> {
 /// (b) A server slower than the attempt timeout: `DEADLINE_EXCEEDED`.
 async fn slow_server() -> Result<(), Box<dyn Error>> {
     println!("(b) a server that takes 2 s and ignores grpc-timeout; attempt timeout {ATTEMPT_TIMEOUT:?}, 1 attempt");
-    let server = DemoServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(2))).await;
+    let server =
+        HealthServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(2))).await;
     let mut client = guarded_client(server.addr, &guard(Retry::disabled()));
     let started = Instant::now();
     let status = expect_error(client.check(health_check()).await)?;
@@ -158,7 +141,7 @@ async fn server_down() -> Result<(), Box<dyn Error>> {
 /// (d) What the server is told about its time: the `grpc-timeout` it receives.
 async fn grpc_timeout_propagation() -> Result<(), Box<dyn Error>> {
     println!("(d) grpc-timeout seen by the server");
-    let server = DemoServer::start(Faults::default()).await;
+    let server = HealthServer::start(Faults::default()).await;
     let mut client = guarded_client(server.addr, &guard(Retry::default()));
 
     client.check(health_check()).await?;
@@ -184,7 +167,7 @@ async fn unavailable_is_retried() -> Result<(), Box<dyn Error>> {
     println!("(e) a server that answers UNAVAILABLE to its first 2 calls, 3 attempts");
     let guard = guard(quick_retry());
 
-    let server = DemoServer::start(Faults::unavailable_first(2)).await;
+    let server = HealthServer::start(Faults::unavailable_first(2)).await;
     let mut client = guarded_client(server.addr, &guard);
     let plain = client.check(health_check()).await;
     println!(
@@ -193,7 +176,7 @@ async fn unavailable_is_retried() -> Result<(), Box<dyn Error>> {
         server.faults.calls()
     );
 
-    let server = DemoServer::start(Faults::unavailable_first(2)).await;
+    let server = HealthServer::start(Faults::unavailable_first(2)).await;
     let mut client = guarded_client(server.addr, &guard);
     let mut keyed = health_check();
     keyed
@@ -229,21 +212,6 @@ fn quick_retry() -> Retry {
         .backoff(Duration::from_millis(10), Duration::from_millis(50))
 }
 
-/// A health client whose channel to `addr` is behind the guard. The channel
-/// connects lazily, so a server that is down fails the call, not this function.
-fn guarded_client(addr: SocketAddr, guard: &UpstreamGuardLayer) -> HealthClient<GuardedChannel> {
-    let origin: Uri = format!("http://{addr}").parse().expect("a valid URI");
-    let channel = Endpoint::from(origin.clone()).connect_lazy();
-    let adapter: TonicAdapter = |request| request.map(Body::new);
-    let guarded = ServiceBuilder::new()
-        .layer(guard.clone())
-        .map_request(adapter)
-        .service(channel);
-    // `with_origin`, not `new`: requests then carry the server's authority, which
-    // keys the guard's per-upstream circuit breaker and names the upstream.
-    HealthClient::with_origin(guarded, origin)
-}
-
 /// Prints the guard's retry decisions.
 struct PrintRetries;
 
@@ -273,10 +241,6 @@ impl Observer for PrintRetries {
     }
 }
 
-fn health_check() -> tonic::Request<HealthCheckRequest> {
-    tonic::Request::new(HealthCheckRequest::default())
-}
-
 fn expect_error<T>(result: Result<T, Status>) -> Result<Status, Box<dyn Error>> {
     match result {
         Ok(_) => Err("the call succeeded, but this scenario expects an error".into()),
@@ -299,188 +263,4 @@ fn describe_timeout(value: Option<&String>) -> String {
         Some(timeout) => format!("grpc-timeout: {value} ({timeout:?})"),
         None => format!("grpc-timeout: {value} (malformed)"),
     }
-}
-
-/// A port on 127.0.0.1 where nothing listens.
-async fn refused_addr() -> SocketAddr {
-    let (_listener, addr) = bind().await;
-    addr
-}
-
-// ---------------------------------------------------------------------------
-// The gRPC server, with injected faults
-// ---------------------------------------------------------------------------
-
-/// What a test server does wrong, and what it saw.
-#[derive(Debug, Default)]
-struct Faults {
-    /// Wait this long before answering.
-    delay: Duration,
-    /// Answer this many first calls with a trailers-only `UNAVAILABLE`.
-    unavailable_first: usize,
-    calls: AtomicUsize,
-    grpc_timeouts: Mutex<Vec<String>>,
-}
-
-impl Faults {
-    fn delay(delay: Duration) -> Faults {
-        Faults {
-            delay,
-            ..Faults::default()
-        }
-    }
-
-    fn unavailable_first(n: usize) -> Faults {
-        Faults {
-            unavailable_first: n,
-            ..Faults::default()
-        }
-    }
-
-    /// Calls that reached the server so far.
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    /// The `grpc-timeout` of each call, in order.
-    fn grpc_timeouts(&self) -> Vec<String> {
-        self.grpc_timeouts
-            .lock()
-            .map(|seen| seen.clone())
-            .unwrap_or_default()
-    }
-}
-
-/// A `grpc.health.v1.Health` server on 127.0.0.1, with faults.
-struct DemoServer {
-    addr: SocketAddr,
-    faults: Arc<Faults>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DemoServer {
-    /// A tonic `Server`. Like any gRPC server should, it enforces the
-    /// `grpc-timeout` it receives: it cuts a slow call off itself (with
-    /// `CANCELLED`), at about the instant the guard gives up too.
-    async fn start(faults: Faults) -> DemoServer {
-        let (listener, addr) = bind().await;
-        let faults = Arc::new(faults);
-        let layer_faults = Arc::clone(&faults);
-        let (_reporter, health) = tonic_health::server::health_reporter();
-        let server = Server::builder()
-            .layer(layer_fn(move |inner| Faulty {
-                inner,
-                faults: Arc::clone(&layer_faults),
-            }))
-            .add_service(health)
-            .serve_with_incoming(TcpIncoming::from(listener));
-        let task = tokio::spawn(async move {
-            if let Err(error) = server.await {
-                eprintln!("test server failed: {error}");
-            }
-        });
-        DemoServer { addr, faults, task }
-    }
-
-    /// The same service on bare hyper HTTP/2 connections, which ignore
-    /// `grpc-timeout`: a slow call runs to its end, so what the client sees is the
-    /// guard's own answer.
-    async fn start_ignoring_deadlines(faults: Faults) -> DemoServer {
-        let (listener, addr) = bind().await;
-        let faults = Arc::new(faults);
-        let (_reporter, health) = tonic_health::server::health_reporter();
-        let service = ServiceBuilder::new()
-            .map_request(|request: http::Request<Incoming>| request.map(Body::new))
-            .layer_fn({
-                let faults = Arc::clone(&faults);
-                move |inner| Faulty {
-                    inner,
-                    faults: Arc::clone(&faults),
-                }
-            })
-            .service(Routes::new(health).prepare());
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _peer)) = listener.accept().await {
-                let connection = http2::Builder::new(TokioExecutor::new()).serve_connection(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(service.clone()),
-                );
-                tokio::spawn(connection);
-            }
-        });
-        DemoServer { addr, faults, task }
-    }
-}
-
-async fn bind() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("a bound listener's address");
-    (listener, addr)
-}
-
-impl Drop for DemoServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A server-side tower service that counts calls, records `grpc-timeout`, and
-/// injects the configured faults before the real service.
-#[derive(Clone)]
-struct Faulty<S> {
-    inner: S,
-    faults: Arc<Faults>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> Service<http::Request<Body>> for Faulty<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
-    S::Error: Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let call = self.faults.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(timeout) = request.headers().get("grpc-timeout") {
-            if let Ok(mut seen) = self.faults.grpc_timeouts.lock() {
-                seen.push(String::from_utf8_lossy(timeout.as_bytes()).into_owned());
-            }
-        }
-        if call <= self.faults.unavailable_first {
-            return Box::pin(std::future::ready(Ok(trailers_only_unavailable())));
-        }
-        let delay = self.faults.delay;
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            response.await
-        })
-    }
-}
-
-/// A trailers-only gRPC response: HTTP 200 with `grpc-status: 14` in the headers.
-fn trailers_only_unavailable() -> http::Response<Body> {
-    let mut response = http::Response::new(Body::empty());
-    let headers = response.headers_mut();
-    headers.insert(
-        "content-type",
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert(
-        "grpc-status",
-        http::HeaderValue::from(Code::Unavailable as i32),
-    );
-    headers.insert("grpc-message", http::HeaderValue::from_static("warming up"));
-    response
 }

@@ -6,30 +6,21 @@
 //! only this test (`cargo test --test reverse_proxy_example`), build the example
 //! first with `cargo build --example reverse_proxy`.
 
-#[path = "support/upstream.rs"]
-mod upstream;
+mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
 
-use upstream::{refused_addr, Upstream};
+use support::example_process::{client, get, send, Example, ExampleProcess, STEP};
+use support::upstream::{refused_addr, Recorded, Upstream};
 
-/// How long the example may take to print its `listening on` line.
-const STARTUP: Duration = Duration::from_secs(20);
-/// Upper bound for any other single step.
-const STEP: Duration = Duration::from_secs(10);
+const REVERSE_PROXY: Example = Example("reverse_proxy");
 
 // ---------------------------------------------------------------------------
 // Tests
@@ -38,7 +29,7 @@ const STEP: Duration = Duration::from_secs(10);
 #[tokio::test]
 async fn routes_by_path_prefix_and_by_host() {
     let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let proxy = Proxy::start(&[
+    let proxy = start_proxy(&[
         &format!("/a/={}", a.url("/")),
         &format!("api.test/={}", a.url("")),
         &format!("/={}", b.url("")),
@@ -66,7 +57,7 @@ async fn routes_by_path_prefix_and_by_host() {
 #[tokio::test]
 async fn the_upstream_sees_its_host_and_x_forwarded_headers() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&[&format!("/={}", a.url(""))]).await;
+    let proxy = start_proxy(&[&format!("/={}", a.url(""))]).await;
 
     let request = Request::get(proxy.url("/ok"))
         .header("x-forwarded-for", "203.0.113.7")
@@ -82,14 +73,14 @@ async fn the_upstream_sees_its_host_and_x_forwarded_headers() {
         "the client is appended"
     );
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
-    let proxy_host = proxy.addr.to_string();
+    let proxy_host = proxy.addr().to_string();
     assert_eq!(seen.header("x-forwarded-host"), Some(proxy_host.as_str()));
 }
 
 #[tokio::test]
 async fn hop_by_hop_request_headers_are_stripped() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&[&format!("/={}", a.url(""))]).await;
+    let proxy = start_proxy(&[&format!("/={}", a.url(""))]).await;
 
     let request = Request::get(proxy.url("/ok"))
         .header("connection", "x-hop, keep-alive")
@@ -122,7 +113,7 @@ async fn hop_by_hop_request_headers_are_stripped() {
 #[tokio::test]
 async fn hop_by_hop_response_headers_are_stripped() {
     let upstream = HopUpstream::start().await;
-    let proxy = Proxy::start(&[&format!("/=http://{}", upstream.0)]).await;
+    let proxy = start_proxy(&[&format!("/=http://{}", upstream.0)]).await;
 
     let answer = get(&proxy.url("/")).await;
 
@@ -141,7 +132,7 @@ async fn hop_by_hop_response_headers_are_stripped() {
 #[tokio::test]
 async fn a_1_mib_request_body_is_streamed_through_whole() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&[&format!("/={}", a.url(""))]).await;
+    let proxy = start_proxy(&[&format!("/={}", a.url(""))]).await;
     let body: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
 
     let request = Request::post(proxy.url("/echo"))
@@ -159,9 +150,8 @@ async fn a_1_mib_request_body_is_streamed_through_whole() {
 #[tokio::test]
 async fn a_streamed_response_arrives_chunk_by_chunk() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&[&format!("/={}", a.url(""))]).await;
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let proxy = start_proxy(&[&format!("/={}", a.url(""))]).await;
+    let client = client();
 
     let exchange = async {
         let started = Instant::now();
@@ -194,7 +184,7 @@ async fn a_streamed_response_arrives_chunk_by_chunk() {
 async fn a_dead_upstream_opens_its_own_breaker_while_the_other_serves() {
     let a = Upstream::start().await;
     let dead = refused_addr();
-    let proxy = Proxy::start_with(
+    let proxy = start_proxy_with(
         &[
             &format!("/dead/=http://{dead}/"),
             &format!("/={}", a.url("")),
@@ -245,7 +235,7 @@ async fn a_dead_upstream_opens_its_own_breaker_while_the_other_serves() {
 #[tokio::test]
 async fn a_request_without_a_route_is_404() {
     let a = Upstream::start().await;
-    let proxy = Proxy::start(&[&format!("/api={}", a.url(""))]).await;
+    let proxy = start_proxy(&[&format!("/api={}", a.url(""))]).await;
 
     assert_eq!(
         get(&proxy.url("/other")).await.status,
@@ -263,7 +253,7 @@ async fn bad_arguments_exit_2_with_usage() {
         &["--route", "no-slash=http://127.0.0.1:1"][..],
         &["--route", "/=https://127.0.0.1:1"][..],
     ] {
-        let output = run_to_exit(args).await;
+        let output = REVERSE_PROXY.run_to_exit(args).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains("usage:"), "{args:?}: {stderr}");
@@ -274,189 +264,25 @@ async fn bad_arguments_exit_2_with_usage() {
 // The example process
 // ---------------------------------------------------------------------------
 
-/// The example binary, next to this test binary's `deps/` directory.
-fn example_binary() -> PathBuf {
-    let test_binary = std::env::current_exe().expect("the test binary's own path");
-    let profile_dir = test_binary
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test binary lives in target/<profile>/deps/");
-    let path = profile_dir
-        .join("examples")
-        .join(format!("reverse_proxy{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "the reverse_proxy example is not built (looked for {}); run \
-         `cargo build --example reverse_proxy` or a plain `cargo test`, which builds examples",
-        path.display()
-    );
-    path
+/// Starts the proxy with these routes and waits for it to listen; dropping it
+/// kills the process.
+async fn start_proxy(routes: &[&str]) -> ExampleProcess {
+    start_proxy_with(routes, &[]).await
 }
 
-/// The running example; dropping it kills the process.
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Proxy {
-    async fn start(routes: &[&str]) -> Proxy {
-        Proxy::start_with(routes, &[]).await
+/// Starts the proxy with these routes and extra flags.
+async fn start_proxy_with(routes: &[&str], flags: &[&str]) -> ExampleProcess {
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    for route in routes {
+        args.extend(["--route", route]);
     }
-
-    /// Starts the proxy with these routes and extra flags, and waits for it to
-    /// listen.
-    async fn start_with(routes: &[&str], flags: &[&str]) -> Proxy {
-        let mut command = Command::new(example_binary());
-        command.args(["--listen", "127.0.0.1:0"]);
-        for route in routes {
-            command.args(["--route", route]);
-        }
-        let mut child = command
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn the reverse_proxy example");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = drain(child.stderr.take().expect("piped stderr"));
-        let addr = match tokio::time::timeout(STARTUP, listening_addr(stdout)).await {
-            Ok(Some(addr)) => addr,
-            Ok(None) => panic!(
-                "the proxy exited without listening; stderr:\n{}",
-                text(&stderr)
-            ),
-            Err(_) => panic!(
-                "no `listening on` within {STARTUP:?}; stderr:\n{}",
-                text(&stderr)
-            ),
-        };
-        Proxy {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        if std::thread::panicking() {
-            eprintln!("reverse_proxy stderr:\n{}", text(&self.stderr));
-        }
-    }
-}
-
-fn text(shared: &Mutex<String>) -> String {
-    shared.lock().map(|s| s.clone()).unwrap_or_default()
-}
-
-/// Reads stdout until the `listening on http://ADDR` line; `None` at EOF. The rest
-/// of stdout is drained in the background so the proxy never blocks on it.
-async fn listening_addr(stdout: impl AsyncRead + Unpin + Send + 'static) -> Option<SocketAddr> {
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(addr) = line.trim().strip_prefix("listening on http://") {
-            let addr = addr.parse().expect("`listening on` names a socket address");
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Some(addr);
-        }
-    }
-    None
-}
-
-/// Collects a child's stderr in the background.
-fn drain(stderr: impl AsyncRead + Unpin + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let sink = Arc::clone(&text);
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(mut text) = sink.lock() {
-                text.push_str(&line);
-                text.push('\n');
-            }
-        }
-    });
-    text
-}
-
-/// Runs the example with `args` to completion (it is killed after [`STEP`]).
-async fn run_to_exit(args: &[&str]) -> Output {
-    let output = Command::new(example_binary())
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(STEP, output)
-        .await
-        .unwrap_or_else(|_| panic!("reverse_proxy {args:?} did not exit within {STEP:?}"))
-        .expect("run the reverse_proxy example")
+    args.extend(flags);
+    REVERSE_PROXY.start(&args).await
 }
 
 // ---------------------------------------------------------------------------
 // HTTP helpers
 // ---------------------------------------------------------------------------
-
-/// A collected response.
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    /// The problem+json body, after checking the content type and `status` field.
-    fn problem(&self) -> serde_json::Value {
-        assert_eq!(
-            self.headers.get("content-type").map(|v| v.as_bytes()),
-            Some(&b"application/problem+json"[..]),
-            "not a problem+json response: {:?} {:?}",
-            self.status,
-            self.headers
-        );
-        let problem: serde_json::Value =
-            serde_json::from_slice(&self.body).expect("the problem body is valid JSON");
-        assert_eq!(problem["status"], self.status.as_u16(), "{problem}");
-        problem
-    }
-}
-
-/// Sends one request through a plain client and reads the whole response.
-async fn send(request: Request<Full<Bytes>>) -> Answer {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let exchange = async {
-        let response = client.request(request).await.expect("the proxy answered");
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.expect("the body arrived").to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
-    };
-    tokio::time::timeout(STEP, exchange)
-        .await
-        .expect("the exchange finished in time")
-}
-
-async fn get(url: &str) -> Answer {
-    send(
-        Request::get(url)
-            .body(Full::new(Bytes::new()))
-            .expect("valid request"),
-    )
-    .await
-}
 
 /// The paths an upstream received, in order.
 fn paths(upstream: &Upstream) -> Vec<String> {
@@ -464,7 +290,7 @@ fn paths(upstream: &Upstream) -> Vec<String> {
 }
 
 /// The one request an upstream received.
-fn only_request(upstream: &Upstream) -> upstream::Recorded {
+fn only_request(upstream: &Upstream) -> Recorded {
     let mut seen = upstream.requests();
     assert_eq!(seen.len(), 1, "{seen:?}");
     seen.remove(0)

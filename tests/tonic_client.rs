@@ -3,34 +3,18 @@
 //! shows it: a normal call, a slow server, a refused port, `grpc-timeout`
 //! propagation, retried `UNAVAILABLE` answers, and an open circuit.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+#[path = "support/grpc.rs"]
+mod grpc;
+
 use std::time::{Duration, Instant};
 
-use http::Uri;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tonic::body::Body;
-use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tower::layer::layer_fn;
-use tower::util::MapRequest;
-use tower::{Service, ServiceBuilder};
-use upstream_guard::{
-    parse_grpc_timeout, CircuitBreaker, RequestBody, Retry, UpstreamGuard, UpstreamGuardLayer,
-};
+use upstream_guard::{parse_grpc_timeout, CircuitBreaker, Retry, UpstreamGuardLayer};
+
+use grpc::{guarded_client, health_check, refused_addr, Faults, GuardedChannel, HealthServer};
 
 /// Slack for timing assertions: scheduling on a busy CI machine.
 const SLACK: Duration = Duration::from_millis(400);
@@ -43,7 +27,7 @@ const STEP: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn a_normal_call_is_ok() {
-    let server = TestServer::start(Faults::default()).await;
+    let server = HealthServer::start(Faults::default()).await;
     let mut client = guarded_client(server.addr, &guard(&Guard::default()));
 
     let answer = call(&mut client, health_check()).await.expect("OK");
@@ -54,7 +38,8 @@ async fn a_normal_call_is_ok() {
 
 #[tokio::test]
 async fn a_slow_server_is_deadline_exceeded_after_the_attempt_timeout() {
-    let server = TestServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(5))).await;
+    let server =
+        HealthServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(5))).await;
     let config = Guard {
         attempt_timeout: Duration::from_millis(200),
         deadline: Duration::from_secs(2),
@@ -78,7 +63,8 @@ async fn a_slow_server_is_deadline_exceeded_after_the_attempt_timeout() {
 
 #[tokio::test]
 async fn a_slow_server_is_deadline_exceeded_within_the_deadline_across_retries() {
-    let server = TestServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(5))).await;
+    let server =
+        HealthServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(5))).await;
     let config = Guard {
         attempt_timeout: Duration::from_millis(200),
         deadline: Duration::from_millis(500),
@@ -117,7 +103,7 @@ async fn a_refused_port_is_unavailable() {
 
 #[tokio::test]
 async fn the_server_receives_a_grpc_timeout_no_longer_than_the_attempt_timeout() {
-    let server = TestServer::start(Faults::default()).await;
+    let server = HealthServer::start(Faults::default()).await;
     let config = Guard {
         attempt_timeout: Duration::from_millis(300),
         deadline: Duration::from_secs(2),
@@ -146,7 +132,7 @@ async fn the_server_receives_a_grpc_timeout_no_longer_than_the_attempt_timeout()
 
 #[tokio::test]
 async fn unavailable_is_retried_until_ok_when_the_call_is_idempotent() {
-    let server = TestServer::start(Faults::unavailable_first(2)).await;
+    let server = HealthServer::start(Faults::unavailable_first(2)).await;
     let config = Guard {
         retry: quick_retry(3),
         ..Guard::default()
@@ -163,7 +149,7 @@ async fn unavailable_is_retried_until_ok_when_the_call_is_idempotent() {
 
 #[tokio::test]
 async fn unavailable_is_not_retried_without_an_idempotency_key() {
-    let server = TestServer::start(Faults::unavailable_first(2)).await;
+    let server = HealthServer::start(Faults::unavailable_first(2)).await;
     let config = Guard {
         retry: quick_retry(3),
         ..Guard::default()
@@ -179,7 +165,7 @@ async fn unavailable_is_not_retried_without_an_idempotency_key() {
 
 #[tokio::test]
 async fn retries_stop_at_max_attempts_with_the_servers_answer() {
-    let server = TestServer::start(Faults::unavailable_first(5)).await;
+    let server = HealthServer::start(Faults::unavailable_first(5)).await;
     let config = Guard {
         retry: quick_retry(3),
         ..Guard::default()
@@ -197,7 +183,7 @@ async fn retries_stop_at_max_attempts_with_the_servers_answer() {
 
 #[tokio::test]
 async fn an_open_circuit_answers_unavailable_without_calling_the_server() {
-    let server = TestServer::start(Faults::unavailable_first(usize::MAX)).await;
+    let server = HealthServer::start(Faults::unavailable_first(usize::MAX)).await;
     let config = Guard {
         breaker: CircuitBreaker::consecutive_failures(2).open_for(Duration::from_secs(30)),
         ..Guard::default()
@@ -226,7 +212,7 @@ async fn an_open_circuit_answers_unavailable_without_calling_the_server() {
 
 #[tokio::test]
 async fn a_forced_open_circuit_answers_unavailable_without_calling_the_server() {
-    let server = TestServer::start(Faults::default()).await;
+    let server = HealthServer::start(Faults::default()).await;
     let layer = guard(&Guard::default());
     layer
         .breaker_handle()
@@ -242,8 +228,8 @@ async fn a_forced_open_circuit_answers_unavailable_without_calling_the_server() 
 
 #[tokio::test]
 async fn one_guard_keeps_a_breaker_per_server() {
-    let failing = TestServer::start(Faults::unavailable_first(usize::MAX)).await;
-    let healthy = TestServer::start(Faults::default()).await;
+    let failing = HealthServer::start(Faults::unavailable_first(usize::MAX)).await;
+    let healthy = HealthServer::start(Faults::default()).await;
     let config = Guard {
         breaker: CircuitBreaker::consecutive_failures(2).open_for(Duration::from_secs(30)),
         ..Guard::default()
@@ -283,9 +269,6 @@ async fn one_guard_keeps_a_breaker_per_server() {
 // The guarded client
 // ---------------------------------------------------------------------------
 
-type TonicAdapter = fn(http::Request<RequestBody<Body>>) -> http::Request<Body>;
-type GuardedChannel = UpstreamGuard<MapRequest<Channel, TonicAdapter>>;
-
 /// A guard's settings in these tests.
 #[derive(Clone, Debug)]
 struct Guard {
@@ -322,21 +305,6 @@ fn quick_retry(max_attempts: u32) -> Retry {
         .backoff(Duration::from_millis(5), Duration::from_millis(20))
 }
 
-fn guarded_client(addr: SocketAddr, guard: &UpstreamGuardLayer) -> HealthClient<GuardedChannel> {
-    let origin: Uri = format!("http://{addr}").parse().expect("a valid URI");
-    let channel = Endpoint::from(origin.clone()).connect_lazy();
-    let adapter: TonicAdapter = |request| request.map(Body::new);
-    let guarded = ServiceBuilder::new()
-        .layer(guard.clone())
-        .map_request(adapter)
-        .service(channel);
-    HealthClient::with_origin(guarded, origin)
-}
-
-fn health_check() -> tonic::Request<HealthCheckRequest> {
-    tonic::Request::new(HealthCheckRequest::default())
-}
-
 /// Marks a call as safe to repeat, so the guard may resend it.
 fn idempotent(
     mut request: tonic::Request<HealthCheckRequest>,
@@ -357,174 +325,4 @@ async fn call(
         .await
         .expect("the call ended within the step limit")?;
     Ok(answer.into_inner().status())
-}
-
-async fn bind() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("a bound listener's address");
-    (listener, addr)
-}
-
-async fn refused_addr() -> SocketAddr {
-    let (_listener, addr) = bind().await;
-    addr
-}
-
-// ---------------------------------------------------------------------------
-// The gRPC server, with injected faults
-// ---------------------------------------------------------------------------
-
-#[derive(Debug, Default)]
-struct Faults {
-    delay: Duration,
-    unavailable_first: usize,
-    calls: AtomicUsize,
-    grpc_timeouts: Mutex<Vec<String>>,
-}
-
-impl Faults {
-    fn delay(delay: Duration) -> Faults {
-        Faults {
-            delay,
-            ..Faults::default()
-        }
-    }
-
-    fn unavailable_first(n: usize) -> Faults {
-        Faults {
-            unavailable_first: n,
-            ..Faults::default()
-        }
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    fn grpc_timeouts(&self) -> Vec<String> {
-        self.grpc_timeouts
-            .lock()
-            .map(|seen| seen.clone())
-            .unwrap_or_default()
-    }
-}
-
-struct TestServer {
-    addr: SocketAddr,
-    faults: Arc<Faults>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestServer {
-    /// A tonic `Server` (it enforces the `grpc-timeout` it receives).
-    async fn start(faults: Faults) -> TestServer {
-        let (listener, addr) = bind().await;
-        let faults = Arc::new(faults);
-        let layer_faults = Arc::clone(&faults);
-        let (_reporter, health) = tonic_health::server::health_reporter();
-        let server = Server::builder()
-            .layer(layer_fn(move |inner| Faulty {
-                inner,
-                faults: Arc::clone(&layer_faults),
-            }))
-            .add_service(health)
-            .serve_with_incoming(TcpIncoming::from(listener));
-        let task = tokio::spawn(async move {
-            let _ = server.await;
-        });
-        TestServer { addr, faults, task }
-    }
-
-    /// The same service on bare hyper HTTP/2 connections, which ignore
-    /// `grpc-timeout`: a slow call is only ever cut off by the guard. (A tonic
-    /// `Server` would cut it off itself at the same instant, racing the guard.)
-    async fn start_ignoring_deadlines(faults: Faults) -> TestServer {
-        let (listener, addr) = bind().await;
-        let faults = Arc::new(faults);
-        let (_reporter, health) = tonic_health::server::health_reporter();
-        let service = ServiceBuilder::new()
-            .map_request(|request: http::Request<Incoming>| request.map(Body::new))
-            .layer_fn({
-                let faults = Arc::clone(&faults);
-                move |inner| Faulty {
-                    inner,
-                    faults: Arc::clone(&faults),
-                }
-            })
-            .service(Routes::new(health).prepare());
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _peer)) = listener.accept().await {
-                let connection = http2::Builder::new(TokioExecutor::new()).serve_connection(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(service.clone()),
-                );
-                tokio::spawn(connection);
-            }
-        });
-        TestServer { addr, faults, task }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-#[derive(Clone)]
-struct Faulty<S> {
-    inner: S,
-    faults: Arc<Faults>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> Service<http::Request<Body>> for Faulty<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
-    S::Error: Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let call = self.faults.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(timeout) = request.headers().get("grpc-timeout") {
-            if let Ok(mut seen) = self.faults.grpc_timeouts.lock() {
-                seen.push(String::from_utf8_lossy(timeout.as_bytes()).into_owned());
-            }
-        }
-        if call <= self.faults.unavailable_first {
-            return Box::pin(std::future::ready(Ok(trailers_only_unavailable())));
-        }
-        let delay = self.faults.delay;
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            response.await
-        })
-    }
-}
-
-fn trailers_only_unavailable() -> http::Response<Body> {
-    let mut response = http::Response::new(Body::empty());
-    let headers = response.headers_mut();
-    headers.insert(
-        "content-type",
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert(
-        "grpc-status",
-        http::HeaderValue::from(Code::Unavailable as i32),
-    );
-    headers.insert("grpc-message", http::HeaderValue::from_static("warming up"));
-    response
 }

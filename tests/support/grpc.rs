@@ -1,0 +1,256 @@
+//! gRPC scaffolding shared by `tests/tonic_client.rs` and
+//! `examples/tonic_client.rs`: a tonic `Channel` behind the guard, and
+//! `grpc.health.v1.Health` servers (from `tonic-health`) on 127.0.0.1 with
+//! injected faults (a delay, trailers-only `UNAVAILABLE` answers) that record the
+//! `grpc-timeout` each call carries.
+//!
+//! Self-contained (dev-dependencies only) so that the example can include it with
+//! `#[path]`. It is deliberately not declared in `support/mod.rs`, so that only
+//! the tonic test compiles tonic code: the users include it themselves.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tower::layer::layer_fn;
+use tower::util::MapRequest;
+use tower::{Service, ServiceBuilder};
+use upstream_guard::{RequestBody, UpstreamGuard, UpstreamGuardLayer};
+
+// ---------------------------------------------------------------------------
+// The guarded client
+// ---------------------------------------------------------------------------
+
+/// The adapter from the guard's request body to the body a `Channel` takes.
+pub type TonicAdapter = fn(http::Request<RequestBody<Body>>) -> http::Request<Body>;
+
+/// A tonic `Channel` behind the guard.
+pub type GuardedChannel = UpstreamGuard<MapRequest<Channel, TonicAdapter>>;
+
+/// A health client whose channel to `addr` is behind the guard. The channel
+/// connects lazily, so a server that is down fails the call, not this function.
+pub fn guarded_client(
+    addr: SocketAddr,
+    guard: &UpstreamGuardLayer,
+) -> HealthClient<GuardedChannel> {
+    let origin: Uri = format!("http://{addr}").parse().expect("a valid URI");
+    let channel = Endpoint::from(origin.clone()).connect_lazy();
+    let adapter: TonicAdapter = |request| request.map(Body::new);
+    let guarded = ServiceBuilder::new()
+        .layer(guard.clone())
+        .map_request(adapter)
+        .service(channel);
+    // `with_origin`, not `new`: requests then carry the server's authority, which
+    // keys the guard's per-upstream circuit breaker and names the upstream.
+    HealthClient::with_origin(guarded, origin)
+}
+
+/// A plain health check request.
+pub fn health_check() -> tonic::Request<HealthCheckRequest> {
+    tonic::Request::new(HealthCheckRequest::default())
+}
+
+/// A listener on 127.0.0.1 and its address.
+pub async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("a bound listener's address");
+    (listener, addr)
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+pub async fn refused_addr() -> SocketAddr {
+    let (_listener, addr) = bind().await;
+    addr
+}
+
+// ---------------------------------------------------------------------------
+// The gRPC server, with injected faults
+// ---------------------------------------------------------------------------
+
+/// What a test server does wrong, and what it saw.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Wait this long before answering.
+    delay: Duration,
+    /// Answer this many first calls with a trailers-only `UNAVAILABLE`.
+    unavailable_first: usize,
+    calls: AtomicUsize,
+    grpc_timeouts: Mutex<Vec<String>>,
+}
+
+impl Faults {
+    pub fn delay(delay: Duration) -> Faults {
+        Faults {
+            delay,
+            ..Faults::default()
+        }
+    }
+
+    pub fn unavailable_first(n: usize) -> Faults {
+        Faults {
+            unavailable_first: n,
+            ..Faults::default()
+        }
+    }
+
+    /// Calls that reached the server so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The `grpc-timeout` of each call, in order.
+    pub fn grpc_timeouts(&self) -> Vec<String> {
+        self.grpc_timeouts
+            .lock()
+            .map(|seen| seen.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A `grpc.health.v1.Health` server on 127.0.0.1, with faults; dropping it stops
+/// accepting connections.
+pub struct HealthServer {
+    pub addr: SocketAddr,
+    pub faults: Arc<Faults>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HealthServer {
+    /// A tonic `Server`. Like any gRPC server should, it enforces the
+    /// `grpc-timeout` it receives: it cuts a slow call off itself (with
+    /// `CANCELLED`), at about the instant the guard gives up too.
+    pub async fn start(faults: Faults) -> HealthServer {
+        let (listener, addr) = bind().await;
+        let faults = Arc::new(faults);
+        let layer_faults = Arc::clone(&faults);
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let server = Server::builder()
+            .layer(layer_fn(move |inner| Faulty {
+                inner,
+                faults: Arc::clone(&layer_faults),
+            }))
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener));
+        let task = tokio::spawn(async move {
+            if let Err(error) = server.await {
+                eprintln!("test server failed: {error}");
+            }
+        });
+        HealthServer { addr, faults, task }
+    }
+
+    /// The same service on bare hyper HTTP/2 connections, which ignore
+    /// `grpc-timeout`: a slow call runs to its end, so it is only ever cut off by
+    /// the guard and what the client sees is the guard's own answer. (A tonic
+    /// `Server` would cut it off itself at the same instant, racing the guard.)
+    pub async fn start_ignoring_deadlines(faults: Faults) -> HealthServer {
+        let (listener, addr) = bind().await;
+        let faults = Arc::new(faults);
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let service = ServiceBuilder::new()
+            .map_request(|request: http::Request<Incoming>| request.map(Body::new))
+            .layer_fn({
+                let faults = Arc::clone(&faults);
+                move |inner| Faulty {
+                    inner,
+                    faults: Arc::clone(&faults),
+                }
+            })
+            .service(Routes::new(health).prepare());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _peer)) = listener.accept().await {
+                let connection = http2::Builder::new(TokioExecutor::new()).serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service.clone()),
+                );
+                tokio::spawn(connection);
+            }
+        });
+        HealthServer { addr, faults, task }
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A server-side tower service that counts calls, records `grpc-timeout`, and
+/// injects the configured faults before the real service.
+#[derive(Clone)]
+struct Faulty<S> {
+    inner: S,
+    faults: Arc<Faults>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Faulty<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Error: Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let call = self.faults.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(timeout) = request.headers().get("grpc-timeout") {
+            if let Ok(mut seen) = self.faults.grpc_timeouts.lock() {
+                seen.push(String::from_utf8_lossy(timeout.as_bytes()).into_owned());
+            }
+        }
+        if call <= self.faults.unavailable_first {
+            return Box::pin(std::future::ready(Ok(trailers_only_unavailable())));
+        }
+        let delay = self.faults.delay;
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            response.await
+        })
+    }
+}
+
+/// A trailers-only gRPC response: HTTP 200 with `grpc-status: 14` in the headers.
+fn trailers_only_unavailable() -> http::Response<Body> {
+    let mut response = http::Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(Code::Unavailable as i32),
+    );
+    headers.insert("grpc-message", http::HeaderValue::from_static("warming up"));
+    response
+}
