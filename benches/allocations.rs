@@ -30,7 +30,9 @@ use tower::Service;
 #[macro_use]
 mod support;
 
-use support::{call, call_now, inner, ok_body, Body, Peer, Scenario, Template};
+use support::{
+    call, call_now, drain, inner, ok_body, Body, ManyKeys, OpenPeer, Peer, Scenario, Template,
+};
 
 /// Counts every allocation (and reallocation) made through the global allocator.
 struct Counting;
@@ -453,6 +455,71 @@ fn axum_path(path: &'static str) -> PerCall {
     PerCall::of(Counts::now().since(before), CALLS)
 }
 
+/// Allocations per rejection by an open circuit (for `OpenPeer::Bare`, per
+/// answered call), the response body read to its end; and the body's length.
+fn open_circuit<S, ResB>(peer: OpenPeer, mut svc: S) -> (PerCall, usize)
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+    ResB: HttpBody,
+{
+    let rt = support::current_thread_runtime();
+    let _entered = rt.enter();
+    let template = Template::new(Scenario::Get);
+    let mut len = 0;
+    for _ in 0..WARM_UP {
+        let response = call_now(&mut svc, template.request());
+        assert_eq!(response.status(), peer.status(), "{}", peer.name());
+        len = drain(response.into_body());
+    }
+    let requests: Vec<_> = (0..CALLS).map(|_| template.request()).collect();
+    let before = Counts::now();
+    for request in requests {
+        drain(call_now(&mut svc, request).into_body());
+    }
+    (PerCall::of(Counts::now().since(before), CALLS), len)
+}
+
+/// Allocations per call of GETs cycling over `keys` authorities, after every
+/// authority was called twice (the registry and its map at their steady size).
+fn many_keys<S, ResB>(mut svc: S, keys: usize) -> PerCall
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+{
+    let rt = support::current_thread_runtime();
+    let _entered = rt.enter();
+    let source = ManyKeys::new(keys);
+    let warm = 2 * source.keys() as u64;
+    for i in 0..warm {
+        assert_eq!(
+            call_now(&mut svc, source.request(i)).status(),
+            StatusCode::OK
+        );
+    }
+    let requests: Vec<_> = (warm..warm + CALLS as u64)
+        .map(|i| source.request(i))
+        .collect();
+    let before = Counts::now();
+    for request in requests {
+        drop(call_now(&mut svc, request));
+    }
+    PerCall::of(Counts::now().since(before), CALLS)
+}
+
+/// The size of the future `svc.call` returns for a GET: what is moved around
+/// (and, under axum, boxed) per request.
+fn future_size<S>(mut svc: S) -> usize
+where
+    S: Service<Request<Body>>,
+{
+    let rt = support::current_thread_runtime();
+    let _entered = rt.enter();
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let template = Template::new(Scenario::Get);
+    let future = svc.call(template.request());
+    std::mem::size_of_val(&future)
+}
+
 struct Row {
     peer: Peer,
     get: PerCall,
@@ -571,6 +638,83 @@ fn main() {
         println!("|---|---:|---:|");
         for (path, c) in [("`/` (no guard)", direct), ("`/guarded`", guarded)] {
             println!("| {path} | {:.2} | {:.0} |", c.allocs, c.bytes);
+        }
+    }
+    let open_rows: Vec<_> = OpenPeer::ALL
+        .into_iter()
+        .filter(|p| p.name().contains(&filter))
+        .map(|peer| (peer, with_open_peer!(peer, svc => open_circuit(peer, svc))))
+        .collect();
+    if !open_rows.is_empty() {
+        println!();
+        println!("## Open circuit: a GET rejected without calling the upstream\n");
+        println!(
+            "{CALLS} rejections per row, the response body read to its end; `bare_200` is \
+             the upstream answering 200, for reference."
+        );
+        println!();
+        println!("| row | allocs/call | bytes/call | response body bytes |");
+        println!("|---|---:|---:|---:|");
+        for (peer, (c, len)) in &open_rows {
+            println!(
+                "| {} | {:.2} | {:.0} | {} |",
+                peer.name(),
+                c.allocs,
+                c.bytes,
+                len
+            );
+        }
+    }
+    let key_rows: Vec<_> = Peer::MANY_KEYS
+        .into_iter()
+        .filter(|p| p.name().contains(&filter))
+        .map(|peer| {
+            let one = with_peer!(peer, inner, svc => many_keys(svc, 1));
+            let many = with_peer!(peer, inner, svc => many_keys(svc, support::MANY_KEYS));
+            (peer, one, many)
+        })
+        .collect();
+    if !key_rows.is_empty() {
+        println!();
+        println!("## Many keys: GETs cycling over many upstream authorities\n");
+        println!(
+            "{CALLS} calls per cell, after two warm-up cycles over every authority; \
+             `upstream_guard` has the default registry of 1024 keys (10,000 authorities \
+             evict), `upstream_guard_max_keys_16384` holds them all."
+        );
+        println!();
+        println!(
+            "| row | 1 authority allocs/call | bytes/call | {} authorities allocs/call | bytes/call |",
+            support::MANY_KEYS
+        );
+        println!("|---|---:|---:|---:|---:|");
+        for (peer, one, many) in &key_rows {
+            println!(
+                "| {} | {:.2} | {:.0} | {:.2} | {:.0} |",
+                peer.name(),
+                one.allocs,
+                one.bytes,
+                many.allocs,
+                many.bytes
+            );
+        }
+    }
+    let sizes: Vec<_> = Peer::ALL
+        .into_iter()
+        .chain(Peer::DIAGNOSTIC)
+        .filter(|p| p.name().contains(&filter))
+        .map(|peer| (peer, with_peer!(peer, inner, svc => future_size(svc))))
+        .collect();
+    if !sizes.is_empty() {
+        println!();
+        println!(
+            "## Size of the response future (GET)
+"
+        );
+        println!("| peer | bytes |");
+        println!("|---|---:|");
+        for (peer, size) in &sizes {
+            println!("| {} | {} |", peer.name(), size);
         }
     }
     if let Some((once, _)) = &chunked {

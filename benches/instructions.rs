@@ -6,6 +6,11 @@
 //! Calls are driven with a no-op waker inside the tokio runtime context (every peer
 //! answers on the first poll), so no executor is counted.
 //!
+//! Groups: `peers` (GET and POST 4 KiB through each peer, plus diagnostic GET
+//! rows that take the guard apart), `open_circuit` (a GET rejected by an open
+//! breaker, the response body read to its end), `many_keys` (a GET to one of
+//! 10,000 authorities after every one was called once), `axum_app`.
+//!
 //! Run: `cargo bench --bench instructions` (needs valgrind and
 //! `cargo install gungraun-runner --version 0.20.0`). Building it
 //! (`cargo bench --no-run`) needs neither.
@@ -14,12 +19,13 @@ use std::hint::black_box;
 
 use gungraun::{library_benchmark, library_benchmark_group, main};
 use http::{Request, Response, StatusCode};
+use http_body::Body as HttpBody;
 use tower::Service;
 
 #[macro_use]
 mod support;
 
-use support::{call_now, inner, Body, Peer, Scenario, Template};
+use support::{call_now, drain, inner, Body, ManyKeys, OpenPeer, Peer, Scenario, Template};
 
 /// A peer ready to make one call: its runtime, and the call with its request.
 pub struct Prepared {
@@ -58,6 +64,114 @@ where
     let call = Box::new(move || {
         let request = request.take().expect("one call per benchmark");
         let _keep = &make;
+        call_now(&mut svc, request).status()
+    });
+    Prepared { rt, call }
+}
+
+/// A rejection by an open circuit (or, for `OpenPeer::Bare`, the upstream's
+/// answer), the response body read to its end.
+fn prepare_open(peer: OpenPeer) -> Prepared {
+    with_open_peer!(peer, svc => prepare_open_with(peer, svc))
+}
+
+fn prepare_open_with<S, ResB>(peer: OpenPeer, mut svc: S) -> Prepared
+where
+    S: Service<Request<Body>, Response = Response<ResB>> + 'static,
+    ResB: HttpBody,
+{
+    let template = Template::new(Scenario::Get);
+    let rt = support::current_thread_runtime();
+    {
+        let _entered = rt.enter();
+        let warm = call_now(&mut svc, template.request());
+        assert_eq!(warm.status(), peer.status());
+        assert!(drain(warm.into_body()) > 0);
+    }
+    let mut request = Some(template.request());
+    let call = Box::new(move || {
+        let request = request.take().expect("one call per benchmark");
+        let _keep = &template;
+        let response = call_now(&mut svc, request);
+        let status = response.status();
+        black_box(drain(response.into_body()));
+        status
+    });
+    Prepared { rt, call }
+}
+
+/// `peer` after one call to each of `keys` authorities; the measured call goes to
+/// the first authority again (for the guard's default registry of 1024 keys and
+/// 10,000 authorities, long evicted: an insert that evicts; for a registry that
+/// holds them all, a lookup that misses the service's one-key cache).
+fn prepare_keys((peer, keys): (Peer, usize)) -> Prepared {
+    with_peer!(peer, inner, svc => prepare_keys_with(keys, svc))
+}
+
+fn prepare_keys_with<S, ResB>(keys: usize, mut svc: S) -> Prepared
+where
+    S: Service<Request<Body>, Response = Response<ResB>> + 'static,
+{
+    let requests = ManyKeys::new(keys);
+    let rt = support::current_thread_runtime();
+    {
+        let _entered = rt.enter();
+        for i in 0..requests.keys() as u64 {
+            assert_eq!(
+                call_now(&mut svc, requests.request(i)).status(),
+                StatusCode::OK
+            );
+        }
+    }
+    let mut request = Some(requests.request(requests.keys() as u64));
+    let call = Box::new(move || {
+        let request = request.take().expect("one call per benchmark");
+        let _keep = &requests;
+        call_now(&mut svc, request).status()
+    });
+    Prepared { rt, call }
+}
+
+/// A guard over a failing upstream whose registry of 1024 keys is full of open
+/// breakers (2048 authorities called once each); the measured call goes to an
+/// authority it has not seen: an insert that must evict among open breakers,
+/// then the upstream's 503, which trips the new key's breaker.
+fn prepare_evict_open(max_keys: usize) -> Prepared {
+    let mut svc = support::guard_failing_keys(max_keys);
+    let requests = ManyKeys::new(2 * max_keys + 1);
+    let rt = support::current_thread_runtime();
+    {
+        let _entered = rt.enter();
+        for i in 0..2 * max_keys as u64 {
+            let status = call_now(&mut svc, requests.request(i)).status();
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+    let mut request = Some(requests.request(2 * max_keys as u64));
+    let call = Box::new(move || {
+        let request = request.take().expect("one call per benchmark");
+        let _keep = &requests;
+        call_now(&mut svc, request).status()
+    });
+    Prepared { rt, call }
+}
+
+/// The same guard with room in its registry: one authority called (and tripped)
+/// in the setup; the measured call goes to a second one: an insert without
+/// eviction, then the upstream's 503, which trips the new key's breaker.
+fn prepare_insert(max_keys: usize) -> Prepared {
+    let mut svc = support::guard_failing_keys(max_keys);
+    let requests = ManyKeys::new(2);
+    let rt = support::current_thread_runtime();
+    {
+        let _entered = rt.enter();
+        let status = call_now(&mut svc, requests.request(0)).status();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let mut request = Some(requests.request(1));
+    let call = Box::new(move || {
+        let request = request.take().expect("one call per benchmark");
+        let _keep = &requests;
         call_now(&mut svc, request).status()
     });
     Prepared { rt, call }
@@ -102,7 +216,35 @@ fn prepare_axum(path: &'static str) -> Prepared {
 #[bench::upstream_guard_post_4k(args = (Peer::Guard, Scenario::Post4k), setup = prepare)]
 #[bench::upstream_guard_no_retry_get(args = (Peer::GuardNoRetry, Scenario::Get), setup = prepare)]
 #[bench::upstream_guard_no_retry_post_4k(args = (Peer::GuardNoRetry, Scenario::Post4k), setup = prepare)]
+#[bench::upstream_guard_no_breaker_get(args = (Peer::GuardNoBreaker, Scenario::Get), setup = prepare)]
+#[bench::upstream_guard_no_retry_no_breaker_get(args = (Peer::GuardLean, Scenario::Get), setup = prepare)]
 fn one_call(prepared: Prepared) -> (StatusCode, Prepared) {
+    run(prepared)
+}
+
+#[library_benchmark]
+#[bench::bare_200(args = (OpenPeer::Bare), setup = prepare_open)]
+#[bench::upstream_guard_tripped(args = (OpenPeer::GuardTripped), setup = prepare_open)]
+#[bench::upstream_guard_forced_open(args = (OpenPeer::GuardForcedOpen), setup = prepare_open)]
+#[bench::resilience_forced_open_mapped(args = (OpenPeer::ResilienceForcedOpen), setup = prepare_open)]
+fn rejection(prepared: Prepared) -> (StatusCode, Prepared) {
+    run(prepared)
+}
+
+#[library_benchmark]
+#[bench::bare_10k(args = ((Peer::Bare, support::MANY_KEYS)), setup = prepare_keys)]
+#[bench::tower_retry_timeout_10k(args = ((Peer::RetryTimeout, support::MANY_KEYS)), setup = prepare_keys)]
+#[bench::upstream_guard_1_key(args = ((Peer::Guard, 1)), setup = prepare_keys)]
+#[bench::upstream_guard_10k_evicts(args = ((Peer::Guard, support::MANY_KEYS)), setup = prepare_keys)]
+#[bench::upstream_guard_max_keys_16384_10k_lookup(args = ((Peer::GuardMaxKeys, support::MANY_KEYS)), setup = prepare_keys)]
+fn keyed_call(prepared: Prepared) -> (StatusCode, Prepared) {
+    run(prepared)
+}
+
+#[library_benchmark]
+#[bench::upstream_guard_503_inserts_new_key(args = (1024), setup = prepare_insert)]
+#[bench::upstream_guard_503_evicts_among_1024_open(args = (1024), setup = prepare_evict_open)]
+fn failing_keyed_call(prepared: Prepared) -> (StatusCode, Prepared) {
     run(prepared)
 }
 
@@ -125,6 +267,16 @@ fn run(mut prepared: Prepared) -> (StatusCode, Prepared) {
 }
 
 library_benchmark_group!(name = peers, benchmarks = [one_call]);
+library_benchmark_group!(name = open_circuit, benchmarks = [rejection]);
+library_benchmark_group!(
+    name = many_keys,
+    benchmarks = [keyed_call, failing_keyed_call]
+);
 library_benchmark_group!(name = axum_app, benchmarks = [axum_request]);
 
-main!(library_benchmark_groups = peers, axum_app);
+main!(
+    library_benchmark_groups = peers,
+    open_circuit,
+    many_keys,
+    axum_app
+);

@@ -15,8 +15,11 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use bytes::{Buf, Bytes};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
+use http_body::Body as HttpBody;
 use http_body_util::Full;
 use tower::retry::Policy;
 use tower::Service;
@@ -129,6 +132,15 @@ impl Template {
         self.request_with(Full::new(self.body.clone()))
     }
 
+    /// A fresh request to `uri` (instead of the template's), as [`Template::request`].
+    pub fn request_to(&self, uri: &Uri) -> Request<Body> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+
     /// A fresh request with the head copied and `body`.
     pub fn request_with<B>(&self, body: B) -> Request<B> {
         let mut request = Request::new(body);
@@ -221,6 +233,14 @@ pub enum Peer {
     /// upstream-guard with `Retry::disabled()`: a diagnostic row that shows what
     /// keeping a request replayable costs.
     GuardNoRetry,
+    /// Diagnostic: upstream-guard with `no_circuit_breaker()` (retries on).
+    GuardNoBreaker,
+    /// Diagnostic: upstream-guard with neither retries nor breaker: timeouts,
+    /// classification and failure mapping only (the guard's base cost).
+    GuardLean,
+    /// upstream-guard with `max_keys(16_384)`: for the many-keys scenario, a
+    /// registry that holds every key (no evictions).
+    GuardMaxKeys,
 }
 
 impl Peer {
@@ -233,6 +253,18 @@ impl Peer {
         Peer::GuardNoRetry,
     ];
 
+    /// Extra rows of the GET tables that take the guard apart, to see where its
+    /// time goes.
+    pub const DIAGNOSTIC: [Peer; 2] = [Peer::GuardNoBreaker, Peer::GuardLean];
+
+    /// The rows of the many-keys scenario.
+    pub const MANY_KEYS: [Peer; 4] = [
+        Peer::Bare,
+        Peer::RetryTimeout,
+        Peer::Guard,
+        Peer::GuardMaxKeys,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Peer::Bare => "bare",
@@ -241,12 +273,18 @@ impl Peer {
             Peer::ResilienceBreaker => "resilience_breaker_timelimiter",
             Peer::Guard => "upstream_guard",
             Peer::GuardNoRetry => "upstream_guard_no_retry",
+            Peer::GuardNoBreaker => "upstream_guard_no_breaker",
+            Peer::GuardLean => "upstream_guard_no_retry_no_breaker",
+            Peer::GuardMaxKeys => "upstream_guard_max_keys_16384",
         }
     }
 
     /// Whether this row retries a failed request.
     pub fn retries(self) -> bool {
-        matches!(self, Peer::RetryTimeout | Peer::Guard)
+        matches!(
+            self,
+            Peer::RetryTimeout | Peer::Guard | Peer::GuardNoBreaker | Peer::GuardMaxKeys
+        )
     }
 }
 
@@ -317,6 +355,37 @@ macro_rules! with_peer {
                     tower::Layer::layer(&layer, $inner::<upstream_guard::RequestBody<Body>>());
                 $body
             }
+            Peer::GuardNoBreaker => {
+                let layer = upstream_guard::UpstreamGuardLayer::builder()
+                    .no_circuit_breaker()
+                    .build()
+                    .expect("valid guard config");
+                let $svc =
+                    tower::Layer::layer(&layer, $inner::<upstream_guard::RequestBody<Body>>());
+                $body
+            }
+            Peer::GuardLean => {
+                let layer = upstream_guard::UpstreamGuardLayer::builder()
+                    .retry(upstream_guard::Retry::disabled())
+                    .no_circuit_breaker()
+                    .build()
+                    .expect("valid guard config");
+                let $svc =
+                    tower::Layer::layer(&layer, $inner::<upstream_guard::RequestBody<Body>>());
+                $body
+            }
+            Peer::GuardMaxKeys => {
+                let layer = upstream_guard::UpstreamGuardLayer::builder()
+                    .circuit_breaker(
+                        upstream_guard::CircuitBreaker::default()
+                            .max_keys($crate::support::MANY_KEYS_MAX),
+                    )
+                    .build()
+                    .expect("valid guard config");
+                let $svc =
+                    tower::Layer::layer(&layer, $inner::<upstream_guard::RequestBody<Body>>());
+                $body
+            }
         }
     }};
 }
@@ -368,20 +437,44 @@ pub fn run_threads<S, ResB>(
 where
     S: Service<Request<Body>, Response = Response<ResB>> + Clone + Send,
 {
+    run_threads_with(
+        handle,
+        svc,
+        threads,
+        iters,
+        |_thread| Template::new(Scenario::Get),
+        |template, _i| template.request(),
+    )
+}
+
+/// Like [`run_threads`], with requests from a per-thread source: `source(thread)`
+/// is built on each thread before the barrier (not timed), and `request(&source,
+/// i)` makes the `i`-th request of that thread.
+pub fn run_threads_with<S, ResB, R>(
+    handle: &tokio::runtime::Handle,
+    svc: &S,
+    threads: usize,
+    iters: u64,
+    source: impl Fn(usize) -> R + Sync,
+    request: impl Fn(&R, u64) -> Request<Body> + Sync,
+) -> Duration
+where
+    S: Service<Request<Body>, Response = Response<ResB>> + Clone + Send,
+{
     let barrier = std::sync::Barrier::new(threads);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
-            .map(|_| {
+            .map(|thread| {
                 let mut svc = svc.clone();
-                let barrier = &barrier;
+                let (barrier, source, request) = (&barrier, &source, &request);
                 scope.spawn(move || {
-                    let template = Template::new(Scenario::Get);
+                    let from = source(thread);
                     handle.block_on(async {
-                        std::hint::black_box(call(&mut svc, template.request()).await);
+                        std::hint::black_box(call(&mut svc, request(&from, 0)).await);
                         barrier.wait();
                         let start = std::time::Instant::now();
-                        for _ in 0..iters {
-                            std::hint::black_box(call(&mut svc, template.request()).await);
+                        for i in 1..=iters {
+                            std::hint::black_box(call(&mut svc, request(&from, i)).await);
                         }
                         start.elapsed()
                     })
@@ -411,4 +504,308 @@ pub fn multi_thread_runtime(workers: usize) -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// Reads a body to its end without an executor (every body here is complete at
+/// once), as a server writing the response out would; gives its length. Bounded:
+/// a body of more than 64 frames, or one that is not ready, is a harness bug.
+pub fn drain<B: HttpBody>(body: B) -> usize {
+    let mut body = pin!(body);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut len = 0;
+    for _ in 0..64 {
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    len += data.remaining();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => panic!("response body failed"),
+            Poll::Ready(None) => return len,
+            Poll::Pending => panic!("response body not ready at once"),
+        }
+    }
+    panic!("response body of more than 64 frames");
+}
+
+// ---------------------------------------------------------------------------
+// Open circuit: requests rejected without calling the upstream.
+// ---------------------------------------------------------------------------
+
+/// How long the open-circuit rows stay open: longer than any benchmark.
+pub const OPEN_FOR: Duration = Duration::from_secs(3600);
+
+/// An upstream that always answers 503 (to trip a breaker).
+pub fn failing<B>() -> impl Service<
+    Request<B>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = Ready<Result<Response<Body>, Infallible>>,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(|_request: Request<B>| {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"unavailable")));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        ready(Ok(response))
+    })
+}
+
+/// A row of the open-circuit table. Every row answers the same GET request
+/// without calling the upstream; the response body is read to its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenPeer {
+    /// Reference: the upstream alone answering 200 (body read too).
+    Bare,
+    /// upstream-guard whose breaker tripped: `consecutive_failures(1)`, open for
+    /// an hour, tripped by one failed call in the setup.
+    GuardTripped,
+    /// upstream-guard (default config) forced open with
+    /// `breaker_handle().force_open()`.
+    GuardForcedOpen,
+    /// tower-resilience's breaker (over its time limiter) forced open, its
+    /// `CircuitBreakerError::OpenCircuit` mapped to a 503 problem+json response
+    /// with a static body (tower `MapResult`), as a user of it would.
+    ResilienceForcedOpen,
+}
+
+impl OpenPeer {
+    pub const ALL: [OpenPeer; 4] = [
+        OpenPeer::Bare,
+        OpenPeer::GuardTripped,
+        OpenPeer::GuardForcedOpen,
+        OpenPeer::ResilienceForcedOpen,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpenPeer::Bare => "bare_200",
+            OpenPeer::GuardTripped => "upstream_guard_tripped",
+            OpenPeer::GuardForcedOpen => "upstream_guard_forced_open",
+            OpenPeer::ResilienceForcedOpen => "resilience_forced_open_mapped",
+        }
+    }
+
+    /// The status every call of this row answers with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            OpenPeer::Bare => StatusCode::OK,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Checks that `response` is the guard's open-circuit rejection.
+pub fn assert_guard_rejection<B>(response: &Response<B>) {
+    let kind = response
+        .extensions()
+        .get::<upstream_guard::GuardFailure>()
+        .map(upstream_guard::GuardFailure::kind);
+    assert_eq!(
+        kind,
+        Some(upstream_guard::FailureKind::CircuitOpen),
+        "not a circuit-open rejection"
+    );
+}
+
+/// The guard with a breaker that one failure trips, tripped.
+pub fn guard_tripped() -> impl Service<
+    Request<Body>,
+    Response = Response<upstream_guard::ResponseBody<Body>>,
+    Error = Infallible,
+> + Clone
+       + Send {
+    let breaker = upstream_guard::CircuitBreaker::consecutive_failures(1)
+        .open_for(OPEN_FOR)
+        .max_open_for(OPEN_FOR);
+    let layer = upstream_guard::UpstreamGuardLayer::builder()
+        .circuit_breaker(breaker)
+        .build()
+        .expect("valid guard config");
+    let mut svc = tower::Layer::layer(&layer, failing::<upstream_guard::RequestBody<Body>>());
+    let template = Template::new(Scenario::Get);
+    let rt = current_thread_runtime();
+    let _entered = rt.enter();
+    // The upstream's 503 trips the breaker; its retry is denied (circuit open).
+    let first = call_now(&mut svc, template.request());
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        first
+            .extensions()
+            .get::<upstream_guard::GuardFailure>()
+            .is_none(),
+        "the first call must reach the upstream"
+    );
+    assert_guard_rejection(&call_now(&mut svc, template.request()));
+    svc
+}
+
+/// The guard (default config) forced open by an operator.
+pub fn guard_forced_open() -> impl Service<
+    Request<Body>,
+    Response = Response<upstream_guard::ResponseBody<Body>>,
+    Error = Infallible,
+> + Clone
+       + Send {
+    let layer = upstream_guard::UpstreamGuardLayer::new();
+    layer
+        .breaker_handle()
+        .expect("a breaker is on by default")
+        .force_open();
+    tower::Layer::layer(&layer, inner::<upstream_guard::RequestBody<Body>>())
+}
+
+/// The body of the 503 a tower-resilience user would map an open circuit to.
+const RESILIENCE_PROBLEM: &[u8] = br#"{"type":"urn:example:problem:circuit-open","title":"Service Unavailable","status":503,"detail":"The upstream is failing; the request was not sent."}"#;
+
+type ResilienceResult = Result<
+    Response<Body>,
+    tower_resilience::circuitbreaker::CircuitBreakerError<
+        tower_resilience::timelimiter::TimeLimiterError<Infallible>,
+    >,
+>;
+
+/// Maps tower-resilience's open-circuit error (and, for completeness, any other
+/// error) to a 503 problem+json response. (The error type stays `BoxError`:
+/// `MapResult` needs `From` of the inner error for `poll_ready`'s.)
+fn resilience_to_response(result: ResilienceResult) -> Result<Response<Body>, tower::BoxError> {
+    Ok(result.unwrap_or_else(|_error| {
+        let mut response = Response::new(Full::new(Bytes::from_static(RESILIENCE_PROBLEM)));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+        response
+    }))
+}
+
+/// tower-resilience's breaker over its time limiter, forced open, its rejection
+/// mapped to a response.
+pub fn resilience_forced_open(
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = tower::BoxError> + Clone + Send
+{
+    use futures_util::FutureExt;
+    use tower_resilience::circuitbreaker::CircuitBreakerLayer;
+    use tower_resilience::timelimiter::{TimeLimiterError, TimeLimiterLayer};
+    let breaker = CircuitBreakerLayer::builder()
+        .failure_classifier(
+            |result: &Result<Response<Body>, TimeLimiterError<Infallible>>| match result {
+                Ok(response) => response.status().is_server_error(),
+                Err(_) => true,
+            },
+        )
+        .wait_duration_in_open(OPEN_FOR)
+        .build()
+        .expect("valid breaker config");
+    let limiter = TimeLimiterLayer::builder()
+        .timeout_duration(ATTEMPT_TIMEOUT)
+        .build();
+    let svc = tower::Layer::layer(&breaker, tower::Layer::layer(&limiter, inner::<Body>()));
+    // An uncontended tokio mutex: ready on the first poll.
+    svc.force_open()
+        .now_or_never()
+        .expect("force_open completes at once");
+    tower::ServiceBuilder::new()
+        .map_result(resilience_to_response as fn(ResilienceResult) -> _)
+        .service(svc)
+}
+
+/// Builds `$peer`'s open-circuit service (an [`OpenPeer`]), binds it to `$svc`,
+/// and evaluates `$body` with it.
+#[allow(unused_macros)] // Not every bench target has an open-circuit scenario.
+macro_rules! with_open_peer {
+    ($peer:expr, $svc:ident => $body:expr) => {{
+        use $crate::support::{
+            guard_forced_open, guard_tripped, inner, resilience_forced_open, Body, OpenPeer,
+        };
+        match $peer {
+            OpenPeer::Bare => {
+                let $svc = inner::<Body>();
+                $body
+            }
+            OpenPeer::GuardTripped => {
+                let $svc = guard_tripped();
+                $body
+            }
+            OpenPeer::GuardForcedOpen => {
+                let $svc = guard_forced_open();
+                $body
+            }
+            OpenPeer::ResilienceForcedOpen => {
+                let $svc = resilience_forced_open();
+                $body
+            }
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------
+// Many keys: requests spread over many upstream authorities.
+// ---------------------------------------------------------------------------
+
+/// Distinct authorities of the many-keys scenario.
+pub const MANY_KEYS: usize = 10_000;
+
+/// `max_keys` of the [`Peer::GuardMaxKeys`] row: above [`MANY_KEYS`].
+pub const MANY_KEYS_MAX: usize = 16_384;
+
+/// GET requests (the `get` scenario's head) to `http://host-{i}.test/...`, `i`
+/// cycling over `keys` authorities. The URIs are parsed once and shared, as a
+/// proxy's routing table would hold them. Build one per thread.
+pub struct ManyKeys {
+    template: Template,
+    uris: Vec<Uri>,
+}
+
+impl ManyKeys {
+    pub fn new(keys: usize) -> ManyKeys {
+        let uris: Vec<Uri> = (0..keys.max(1))
+            .map(|i| {
+                let uri: Uri = format!("http://host-{i}.test/v1/items/42?include=owner")
+                    .parse()
+                    .expect("valid uri");
+                // Make later copies reference-count bumps (see `Template::new`).
+                drop(uri.clone());
+                uri
+            })
+            .collect();
+        ManyKeys {
+            template: Template::new(Scenario::Get),
+            uris,
+        }
+    }
+
+    pub fn keys(&self) -> usize {
+        self.uris.len()
+    }
+
+    /// The `i`-th request: to authority `i % keys`.
+    pub fn request(&self, i: u64) -> Request<Body> {
+        let at = (i % self.uris.len() as u64) as usize;
+        self.template.request_to(&self.uris[at])
+    }
+}
+
+/// A guard over an upstream that always answers 503, with per-authority breakers
+/// that one failure trips (`consecutive_failures(1)`, default open period) in a
+/// registry of `max_keys`, and no retries: once every key was called, every
+/// breaker in the registry is open, as when many upstreams fail at once.
+pub fn guard_failing_keys(
+    max_keys: usize,
+) -> impl Service<
+    Request<Body>,
+    Response = Response<upstream_guard::ResponseBody<Body>>,
+    Error = Infallible,
+> + Clone
+       + Send {
+    let layer = upstream_guard::UpstreamGuardLayer::builder()
+        .retry(upstream_guard::Retry::disabled())
+        .circuit_breaker(upstream_guard::CircuitBreaker::consecutive_failures(1).max_keys(max_keys))
+        .build()
+        .expect("valid guard config");
+    tower::Layer::layer(&layer, failing::<upstream_guard::RequestBody<Body>>())
 }
