@@ -19,6 +19,9 @@ use super::state::Breaker;
 
 const CHUNK: usize = 64;
 
+/// The most slots one eviction looks at.
+const EVICTION_SCAN: usize = 64;
+
 /// One keyed breaker with its bookkeeping.
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -172,32 +175,35 @@ impl Keyed {
         Some((key, slot32))
     }
 
-    /// Picks a slot to reuse: the first, from the hand on, not used since the hand
-    /// last passed and idle (closed, nothing in flight). After two full turns it
-    /// settles for any slot not used recently, and finally for the hand's slot.
+    /// Picks a slot to reuse: from the hand on, the first slot not used since the
+    /// hand last passed and idle (closed, nothing in flight); failing that, the
+    /// first slot not used recently; failing that, the hand's slot.
+    ///
+    /// The walk is bounded ([`EVICTION_SCAN`] slots): when every upstream fails at
+    /// once and no breaker is idle, an insert must not walk the whole registry
+    /// under the write lock.
     fn evict(&self, index: &mut Index) -> Option<usize> {
         let len = index.keys.len();
         if len == 0 {
             return None;
         }
-        for pass in 0..3 {
-            for _ in 0..len {
-                let slot = index.hand;
-                index.hand = (index.hand + 1) % len;
-                let Some(entry) = self.entry(u32::try_from(slot).ok()?) else {
-                    return Some(slot);
-                };
-                if entry.referenced.swap(false, Ordering::Relaxed) {
-                    continue;
-                }
-                let idle =
-                    entry.in_flight.load(Ordering::Acquire) == 0 && entry.breaker.is_closed();
-                if idle || pass >= 2 {
-                    return Some(slot);
-                }
+        let mut fallback = None;
+        for _ in 0..EVICTION_SCAN.min(len) {
+            let slot = index.hand;
+            index.hand = (index.hand + 1) % len;
+            let Some(entry) = self.entry(u32::try_from(slot).ok()?) else {
+                return Some(slot);
+            };
+            if entry.referenced.swap(false, Ordering::Relaxed) {
+                continue;
             }
+            let idle = entry.in_flight.load(Ordering::Acquire) == 0 && entry.breaker.is_closed();
+            if idle {
+                return Some(slot);
+            }
+            fallback.get_or_insert(slot);
         }
-        Some(index.hand)
+        Some(fallback.unwrap_or(index.hand))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -282,5 +288,37 @@ mod tests {
         }
         assert_eq!(keyed.len(), 1);
         assert!(keyed.lookup("a").is_none());
+    }
+
+    #[test]
+    fn a_full_registry_of_open_breakers_still_takes_new_keys() {
+        use crate::breaker::state::{Policy, Record};
+        let policy = Policy {
+            consecutive_failures: 1,
+            failure_rate: None,
+            slow_call_rate: None,
+            min_calls: 1,
+            open_nanos: u64::MAX / 2,
+            max_open_nanos: u64::MAX / 2,
+            probes: 1,
+        };
+        let keyed = Keyed::new(256, WINDOW);
+        let mut cache = KeyCache::default();
+        let fail = Record {
+            failure: true,
+            slow: false,
+        };
+        for i in 0..2_000 {
+            let target = keyed.target(&format!("dead-{i}"), &mut cache).unwrap();
+            let Target::Keyed { index, .. } = target else {
+                panic!("{target:?}")
+            };
+            keyed
+                .entry(index)
+                .unwrap()
+                .breaker
+                .record(&policy, fail, None, || 0);
+        }
+        assert_eq!(keyed.len(), 256);
     }
 }
