@@ -182,3 +182,14 @@ mod circuit_breaker {
         );
     }
 }
+
+#[test]
+fn a_long_open_period_alone_is_valid_and_does_not_grow() {
+    // The default growth cap (60 s) makes way for a longer open_for.
+    let breaker =
+        upstream_guard::CircuitBreaker::consecutive_failures(1).open_for(Duration::from_secs(3600));
+    assert!(UpstreamGuardLayer::builder()
+        .circuit_breaker(breaker)
+        .build()
+        .is_ok());
+}

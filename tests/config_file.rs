@@ -221,7 +221,7 @@ fn invalid_values_are_config_errors_naming_the_field() {
             "circuit_breaker.consecutive_failures",
         ),
         (
-            "[circuit_breaker]\nopen_for = \"2m\"",
+            "[circuit_breaker]\nopen_for = \"2m\"\nmax_open_for = \"1m\"",
             "circuit_breaker.max_open_for",
         ),
     ] {

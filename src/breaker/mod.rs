@@ -89,7 +89,8 @@ pub struct CircuitBreaker {
     min_calls: u32,
     window: Duration,
     open_for: Duration,
-    max_open_for: Duration,
+    /// `None`: 60 s, or `open_for` if that is longer.
+    max_open_for: Option<Duration>,
     probes: u32,
     keying: Keying,
     max_keys: usize,
@@ -106,7 +107,7 @@ impl Default for CircuitBreaker {
             min_calls: 20,
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
-            max_open_for: Duration::from_secs(60),
+            max_open_for: None,
             probes: 1,
             keying: Keying::Authority,
             max_keys: 1024,
@@ -177,10 +178,10 @@ impl CircuitBreaker {
         self
     }
 
-    /// The longest open period (default 60 s). Set it equal to `open_for` for a
-    /// fixed open period.
+    /// The longest open period (default 60 s, or `open_for` when that is longer).
+    /// Set it equal to `open_for` for a fixed open period.
     pub fn max_open_for(mut self, max: Duration) -> Self {
-        self.max_open_for = max;
+        self.max_open_for = Some(max);
         self
     }
 
@@ -235,6 +236,13 @@ impl CircuitBreaker {
         self
     }
 
+    /// The longest open period: as set, else 60 s or `open_for` if longer (so
+    /// `open_for(1h)` alone is valid and simply does not grow).
+    fn effective_max_open_for(&self) -> Duration {
+        self.max_open_for
+            .unwrap_or(DEFAULT_MAX_OPEN_FOR.max(self.open_for))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let rate_ok = |r: Option<f64>| r.is_none_or(|r| r.is_finite() && r > 0.0 && r <= 1.0);
         if !rate_ok(self.failure_rate) {
@@ -283,7 +291,7 @@ impl CircuitBreaker {
                 "must be greater than zero",
             ));
         }
-        if self.max_open_for < self.open_for {
+        if self.effective_max_open_for() < self.open_for {
             return Err(ConfigError::new(
                 "circuit_breaker.max_open_for",
                 "must not be shorter than circuit_breaker.open_for",
@@ -317,7 +325,7 @@ impl CircuitBreaker {
             slow_call_rate: self.slow_call_rate,
             min_calls: self.min_calls,
             open_nanos: nanos(self.open_for),
-            max_open_nanos: nanos(self.max_open_for),
+            max_open_nanos: nanos(self.effective_max_open_for()),
             probes: self.probes,
         }
     }
@@ -330,6 +338,9 @@ fn millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::
         None => s.serialize_none(),
     }
 }
+
+/// The default cap on a growing open period.
+const DEFAULT_MAX_OPEN_FOR: Duration = Duration::from_secs(60);
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
