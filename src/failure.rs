@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{HeaderValue, StatusCode};
 
 /// Why the guard answered instead of the upstream.
@@ -143,6 +144,15 @@ impl fmt::Display for FailureKind {
     }
 }
 
+/// How a failure names its upstream.
+#[derive(Clone)]
+enum Upstream {
+    /// The configured upstream name.
+    Named(Arc<str>),
+    /// The request URI's authority.
+    Authority(Authority),
+}
+
 /// The failure behind a response the guard synthesized.
 ///
 /// Found in the extensions of every synthesized response:
@@ -162,7 +172,7 @@ impl fmt::Display for FailureKind {
 pub struct GuardFailure {
     kind: FailureKind,
     attempts: u32,
-    upstream: Option<Arc<str>>,
+    upstream: Option<Upstream>,
     request_id: Option<HeaderValue>,
     retry_after: Option<Duration>,
     source: Option<Arc<dyn Error + Send + Sync>>,
@@ -181,7 +191,13 @@ impl GuardFailure {
     }
 
     pub(crate) fn with_upstream(mut self, upstream: Option<Arc<str>>) -> Self {
-        self.upstream = upstream;
+        self.upstream = upstream.map(Upstream::Named);
+        self
+    }
+
+    /// Names the upstream by a URI authority: a reference-count bump, no copy.
+    pub(crate) fn with_authority(mut self, authority: Option<Authority>) -> Self {
+        self.upstream = authority.map(Upstream::Authority);
         self
     }
 
@@ -219,7 +235,10 @@ impl GuardFailure {
     /// The upstream this request was for: the configured upstream name, else the
     /// request URI's authority (`host:port`), if either is known.
     pub fn upstream(&self) -> Option<&str> {
-        self.upstream.as_deref()
+        self.upstream.as_ref().map(|u| match u {
+            Upstream::Named(name) => name,
+            Upstream::Authority(authority) => authority.as_str(),
+        })
     }
 
     /// The request's `x-request-id`, when it had a printable one.
@@ -246,7 +265,7 @@ impl fmt::Debug for GuardFailure {
         f.debug_struct("GuardFailure")
             .field("kind", &self.kind)
             .field("attempts", &self.attempts)
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream())
             .field("request_id", &self.request_id)
             .field("retry_after", &self.retry_after)
             .field("source", &self.source.as_ref().map(|e| e.to_string()))
@@ -257,7 +276,7 @@ impl fmt::Debug for GuardFailure {
 impl fmt::Display for GuardFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.kind.description())?;
-        if let Some(upstream) = &self.upstream {
+        if let Some(upstream) = self.upstream() {
             write!(f, " ({upstream})")?;
         }
         write!(f, " after {} attempt(s)", self.attempts)

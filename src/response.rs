@@ -1,6 +1,7 @@
 //! The responses the guard synthesizes: RFC 9457 problem+json for HTTP, and
 //! trailers-only responses for gRPC.
 
+use std::borrow::Cow;
 use std::error::Error;
 use std::fmt::Write as _;
 
@@ -46,9 +47,13 @@ pub(crate) fn synthesize(failure: &GuardFailure, flavor: Flavor) -> Response<Byt
     response
 }
 
-fn detail_text(failure: &GuardFailure, expose: bool) -> String {
-    let mut detail = String::from(failure.kind().description());
-    if expose {
+fn detail_text(failure: &GuardFailure, expose: bool) -> Cow<'static, str> {
+    let description = failure.kind().description();
+    if !expose || failure.error().is_none() {
+        return Cow::Borrowed(description);
+    }
+    let mut detail = String::from(description);
+    {
         let mut source = failure.error().map(|e| e as &(dyn Error + 'static));
         let mut depth = 0;
         while let Some(err) = source {
@@ -60,7 +65,7 @@ fn detail_text(failure: &GuardFailure, expose: bool) -> String {
             }
         }
     }
-    detail
+    Cow::Owned(detail)
 }
 
 fn problem_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
@@ -76,7 +81,9 @@ fn problem_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
         request_id: failure.request_id(),
     };
     // Serializing a struct of strings and integers to a Vec cannot fail.
-    let json = serde_json::to_vec(&problem).unwrap_or_default();
+    // Sized for a typical problem document, so it is written without regrowing.
+    let mut json = Vec::with_capacity(320);
+    let _ = serde_json::to_writer(&mut json, &problem);
     let len = json.len();
     let body = if flavor.is_head {
         Bytes::new()
