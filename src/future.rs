@@ -223,7 +223,6 @@ where
         }
         let mut ctx = Ctx::new(shared, info, budget, &parts);
         if let Some(rejection) = ctx.admit(&parts, key_cache) {
-            ctx.info.keep_head_facts(&parts);
             ctx.rejection = Some(rejection);
             return ResponseFuture {
                 state: State::Rejected,
@@ -434,6 +433,9 @@ where
                 None
             }
             Admit::Reject(kind, retry_after) => {
+                // The head is not kept for a rejected request: keep what the
+                // event and the error body name (the upstream, the request id).
+                self.info.keep_head_facts(parts);
                 self.shared.observer.on_rejected(&RejectedEvent {
                     request: self.facts(),
                     kind,
