@@ -375,6 +375,7 @@ where
     B: Body + Unpin,
 {
     /// A request's state before anything has happened to it.
+    #[inline]
     fn new(shared: Arc<Shared>, info: Info, budget: Duration, parts: &Parts) -> Self {
         Ctx {
             service: None,
@@ -666,11 +667,6 @@ where
         kind: FailureKind,
         source: Option<Arc<dyn Error + Send + Sync>>,
     ) -> GuardFailure {
-        let upstream = self
-            .shared
-            .upstream_name
-            .clone()
-            .or_else(|| self.authority().map(|a| Arc::from(a.as_str())));
         let request_id = self.info.request_id.clone().or_else(|| {
             let kept = self.head.as_ref().and_then(|h| h.header(&X_REQUEST_ID));
             let pending = self
@@ -679,10 +675,13 @@ where
                 .and_then(|(p, _)| p.headers.get(X_REQUEST_ID));
             request_id_in(kept.or(pending))
         });
-        GuardFailure::new(kind, self.attempt)
-            .with_upstream(upstream)
+        let failure = GuardFailure::new(kind, self.attempt)
             .with_request_id(request_id)
-            .with_source(source)
+            .with_source(source);
+        match &self.shared.upstream_name {
+            Some(name) => failure.with_upstream(Some(name.clone())),
+            None => failure.with_authority(self.authority().cloned()),
+        }
     }
 
     /// Records an attempt's end, then decides between a retry and the answer.
@@ -1059,12 +1058,19 @@ where
     }
 }
 
-/// `now + d` that cannot overflow: an instant too far to represent becomes one
-/// about thirty years away, which no request will live to see.
+/// The longest the guard ever waits for anything: about thirty years, which no
+/// request will live to see.
+///
+/// Longer settings (`Duration::MAX` reads as "no limit") are cut to this. Not
+/// only to avoid overflow: tokio's timer wheel spans about 2.2 years, and a
+/// timer further out is re-filed once per span. A timer a billion years away
+/// is harmless in real time, but a runtime with a paused clock (as in tests)
+/// would spend hours stepping its clock through the spans.
+const HORIZON: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + d`, with `d` cut to the [`HORIZON`]; cannot overflow.
 pub(crate) fn later(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 24 * 3600)))
-        .unwrap_or(now)
+    now.checked_add(d.min(HORIZON)).unwrap_or(now)
 }
 
 /// Sets the request's one timer to `at`, creating it the first time.

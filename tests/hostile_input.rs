@@ -854,7 +854,7 @@ impl Settings {
                 b.open_for = Some(ms);
             }
             let open_for = b.open_for.unwrap_or(Duration::from_secs(5));
-            if b.max_open_for.unwrap_or(Duration::from_secs(60)) < open_for {
+            if b.max_open_for.is_some_and(|max| max < open_for) {
                 b.max_open_for = Some(open_for);
             }
             if b.probes.is_some_and(|p| p == 0 || p > 1023) {
@@ -940,7 +940,7 @@ impl Settings {
             if open_for.is_zero() {
                 bad.push("circuit_breaker.open_for");
             }
-            if b.max_open_for.unwrap_or(Duration::from_secs(60)) < open_for {
+            if b.max_open_for.is_some_and(|max| max < open_for) {
                 bad.push("circuit_breaker.max_open_for");
             }
             if b.probes.is_some_and(|p| p == 0 || p > 1023) {
@@ -1204,4 +1204,35 @@ fn duration_max_settings_are_rejected_or_honoured_without_panicking() {
          to an Instant):\n  {}",
         panicked.join("\n  ")
     );
+}
+
+#[test]
+fn a_wait_of_a_billion_years_is_cut_to_the_horizon_not_stepped_through() {
+    // Found by `every_configuration_that_builds_answers_without_panicking`: a
+    // Retry-After capped only by a huge `max_retry_after`, under a huge deadline,
+    // set a timer ~1e11 years out. tokio re-files such a timer every 2.2 years,
+    // so the paused clock stepped through it for hours. Waits are now cut to
+    // about thirty years: the 503 comes back at once, as the upstream's answer.
+    let settings = Settings {
+        attempt_timeout: Duration::from_millis(1875),
+        deadline: Duration::new(5_605_537_684_587_148_240, 0),
+        idle: None,
+        max_attempts: 10,
+        backoff: (Duration::from_millis(1356), Duration::from_secs(88836)),
+        budget: Budget::Default,
+        max_retry_after: Duration::new(4_892_520_760_504_031_414, 0),
+        max_replay_body: 16 << 20,
+        breaker: None,
+        upstream_name: None,
+    };
+    let (done, answered) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(answer_with(&settings, Behaviour::Unavailable, false));
+    });
+    let answered = answered
+        .recv_timeout(Duration::from_secs(30))
+        .expect("answered within 30 s of real time");
+    let (status, _, body, _) = answered.expect("the settings build");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(&body[..], b"busy", "the upstream's own 503");
 }
