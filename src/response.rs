@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS};
-use serde::Serialize;
 
 use crate::failure::GuardFailure;
 
@@ -22,18 +21,134 @@ pub(crate) struct Flavor {
 }
 
 /// The RFC 9457 problem document.
-#[derive(Serialize)]
 struct Problem<'a> {
-    #[serde(rename = "type")]
     kind: &'static str,
     title: &'a str,
     status: u16,
     detail: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     upstream: Option<&'a str>,
     attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<&'a str>,
+}
+
+impl Problem<'_> {
+    /// Writes the document as one JSON object.
+    ///
+    /// Written by hand rather than through `serde_json`: seven known members,
+    /// most of them constants that need no escaping, where a generic serializer
+    /// spent a third of a rejected request's instructions escaping byte by byte.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"type\":");
+        push_json_str(out, self.kind);
+        out.extend_from_slice(b",\"title\":");
+        push_json_str(out, self.title);
+        out.extend_from_slice(b",\"status\":");
+        push_decimal(out, u64::from(self.status));
+        out.extend_from_slice(b",\"detail\":");
+        push_json_str(out, self.detail);
+        if let Some(upstream) = self.upstream {
+            out.extend_from_slice(b",\"upstream\":");
+            push_json_str(out, upstream);
+        }
+        out.extend_from_slice(b",\"attempts\":");
+        push_decimal(out, u64::from(self.attempts));
+        if let Some(request_id) = self.request_id {
+            out.extend_from_slice(b",\"request_id\":");
+            push_json_str(out, request_id);
+        }
+        out.push(b'}');
+    }
+}
+
+/// Appends `text` as a JSON string (RFC 8259 §7): quotes, backslashes and
+/// control characters escaped, everything else (UTF-8 included) as is.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    // Nearly every string here is a constant or a host name, with nothing to
+    // escape: check the whole string at once (a loop without an early exit,
+    // which the compiler vectorizes) and copy it in one go.
+    let plain = !bytes.iter().fold(false, |found, &b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    let mut start = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // `n % 10` is a single digit: the cast cannot truncate.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The decimal digits of 0 to 999, three bytes each (zero-padded).
+static SMALL_DECIMALS: [u8; 3000] = {
+    let mut table = [0u8; 3000];
+    let mut n = 0;
+    while n < 1000 {
+        table[n * 3] = b'0' + (n / 100) as u8;
+        table[n * 3 + 1] = b'0' + (n / 10 % 10) as u8;
+        table[n * 3 + 2] = b'0' + (n % 10) as u8;
+        n += 1;
+    }
+    table
+};
+
+/// A header value holding `n` in decimal: for numbers under 1000 (every
+/// `grpc-status`, most lengths and `Retry-After`s) a view of a static table,
+/// without the allocation `HeaderValue::from(n)` makes.
+fn decimal_header(n: u64) -> HeaderValue {
+    if let Ok(small) = usize::try_from(n) {
+        if small < 1000 {
+            let skip = match small {
+                0..=9 => 2,
+                10..=99 => 1,
+                _ => 0,
+            };
+            let digits = &SMALL_DECIMALS[small * 3 + skip..small * 3 + 3];
+            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from_static(digits)) {
+                return value;
+            }
+        }
+    }
+    HeaderValue::from(n)
 }
 
 /// Builds the response for a failure, with the failure in its extensions.
@@ -80,15 +195,16 @@ fn problem_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
         attempts: failure.attempts(),
         request_id: failure.request_id(),
     };
-    // Serializing a struct of strings and integers to a Vec cannot fail.
     // Sized for a typical problem document, so it is written without regrowing.
     let mut json = Vec::with_capacity(320);
-    let _ = serde_json::to_writer(&mut json, &problem);
+    problem.write_json(&mut json);
     let len = json.len();
     let body = if flavor.is_head {
         Bytes::new()
     } else {
-        Bytes::from(json)
+        // Exactly sized, the buffer becomes the `Bytes` itself; with spare
+        // capacity `Bytes` would allocate a shared header next to it.
+        Bytes::from(json.into_boxed_slice())
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -99,10 +215,13 @@ fn problem_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
     );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // For HEAD this is the length a GET would have had, as RFC 9110 allows.
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(
+        CONTENT_LENGTH,
+        decimal_header(u64::try_from(len).unwrap_or(u64::MAX)),
+    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
         if let Some(after) = failure.retry_after() {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
+            headers.insert(RETRY_AFTER, decimal_header(retry_after_secs(after)));
         }
     }
     response
@@ -127,7 +246,7 @@ fn grpc_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(
         crate::grpc::GRPC_STATUS,
-        HeaderValue::from(u16::from(failure.kind().grpc_code())),
+        decimal_header(u64::from(failure.kind().grpc_code())),
     );
     if let Ok(value) = HeaderValue::from_str(&encoded) {
         headers.insert(crate::grpc::GRPC_MESSAGE, value);
@@ -135,7 +254,7 @@ fn grpc_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
     if let Some(after) = failure.retry_after() {
         // gRPC's server pushback (gRFC A6): how long a retrying client should wait.
         let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-        headers.insert(crate::grpc::GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms));
+        headers.insert(crate::grpc::GRPC_RETRY_PUSHBACK_MS, decimal_header(ms));
     }
     response
 }
@@ -156,6 +275,41 @@ mod tests {
 
     fn json(response: &Response<Bytes>) -> serde_json::Value {
         serde_json::from_slice(response.body()).expect("valid JSON")
+    }
+
+    fn as_json_str(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        push_json_str(&mut out, text);
+        out
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_backslashes_and_control_characters() {
+        assert_eq!(as_json_str("plain"), b"\"plain\"");
+        assert_eq!(as_json_str("a\"b\\c"), br#""a\"b\\c""#);
+        assert_eq!(as_json_str("\n\r\t\u{0}\u{1f}"), br#""\n\r\t\u0000\u001f""#);
+        assert_eq!(as_json_str("é\u{7f}"), "\"é\u{7f}\"".as_bytes());
+    }
+
+    #[test]
+    fn decimals_are_written_in_full() {
+        for n in [0, 7, 10, 502, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_round_trips_through_a_json_parser(text in ".*", bytes in proptest::collection::vec(0u8..0x80, 0..64)) {
+            let ascii = String::from_utf8(bytes).expect("ASCII");
+            for text in [text, ascii] {
+                let written = as_json_str(&text);
+                let parsed: String = serde_json::from_slice(&written).expect("a JSON string");
+                proptest::prop_assert_eq!(parsed, text);
+            }
+        }
     }
 
     #[test]
