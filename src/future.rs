@@ -18,6 +18,7 @@
 
 use std::error::Error;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -57,7 +58,7 @@ pin_project! {
         S: Service<Request<RequestBody<B>>>,
     {
         #[pin]
-        state: State<S::Future>,
+        state: State<S::Future, B>,
         #[pin]
         timer: Option<Sleep>,
         ctx: Ctx<S, B>,
@@ -66,9 +67,14 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        // Reading a request body that will be replayed.
-        Buffering,
+    enum State<F, B> {
+        // Reading a request body that will be replayed. Kept here rather than
+        // in `Ctx`: the state's room is shared with the attempt's future, so the
+        // request head waiting for its body costs the response future no size.
+        Buffering {
+            pending: Option<(Parts, B)>,
+            buffer: Option<BodyBuffer>,
+        },
         // An attempt is in flight.
         Calling {
             #[pin]
@@ -79,7 +85,9 @@ pin_project! {
         // Waiting for the inner service to be ready for a retry.
         Readying,
         // Answering without calling the upstream.
-        Rejected,
+        Rejected {
+            rejection: Option<Rejection>,
+        },
         // The response was returned.
         Done,
     }
@@ -158,9 +166,6 @@ where
     /// The service for calls made after `call` returned: the first attempt of a
     /// buffered request, and retries. `None` when no such call can happen.
     service: Option<S>,
-    /// The request head and body while the body is being buffered.
-    pending: Option<(Parts, B)>,
-    buffer: Option<BodyBuffer>,
     /// What is needed to send the request again; `None` if it cannot be.
     head: Option<Head>,
     replay: Option<ReplayBody>,
@@ -174,11 +179,13 @@ where
     budget: Duration,
     /// Whether the timer is armed for the current attempt.
     armed: bool,
-    rejection: Option<Rejection>,
     /// The request's hold on its circuit breaker.
     ticket: Option<Ticket>,
     request_span: Span,
     attempt_span: Span,
+    /// The request body type the inner service's requests carry (the body
+    /// itself lives in [`State`] while buffered).
+    body: PhantomData<fn() -> B>,
 }
 
 /// Why a request is answered without (another) upstream call.
@@ -223,9 +230,10 @@ where
         }
         let mut ctx = Ctx::new(shared, info, budget, &parts);
         if let Some(rejection) = ctx.admit(&parts, key_cache) {
-            ctx.rejection = Some(rejection);
             return ResponseFuture {
-                state: State::Rejected,
+                state: State::Rejected {
+                    rejection: Some(rejection),
+                },
                 timer: None,
                 ctx,
             };
@@ -262,9 +270,10 @@ where
             }
             Plan::Buffer(mode) => {
                 ctx.service = Some(take_ready(inner));
-                ctx.pending = Some((parts, body));
-                ctx.buffer = Some(BodyBuffer::new(mode, ctx.shared.retry.max_replay_body));
-                State::Buffering
+                State::Buffering {
+                    pending: Some((parts, body)),
+                    buffer: Some(BodyBuffer::new(mode, ctx.shared.retry.max_replay_body)),
+                }
             }
         };
         ResponseFuture {
@@ -281,14 +290,16 @@ where
         info.keep_head_facts(&parts);
         let kind = shared.classifier.error_kind(&*error);
         let budget = shared.deadline;
-        let mut ctx = Ctx::new(shared, info, budget, &parts);
-        ctx.rejection = Some(Rejection {
+        let ctx = Ctx::new(shared, info, budget, &parts);
+        let rejection = Rejection {
             kind,
             source: Some(Arc::from(error)),
             retry_after: None,
-        });
+        };
         ResponseFuture {
-            state: State::Rejected,
+            state: State::Rejected {
+                rejection: Some(rejection),
+            },
             timer: None,
             ctx,
         }
@@ -379,8 +390,6 @@ where
     fn new(shared: Arc<Shared>, info: Info, budget: Duration, parts: &Parts) -> Self {
         Ctx {
             service: None,
-            pending: None,
-            buffer: None,
             head: None,
             replay: None,
             attempt: 0,
@@ -389,9 +398,9 @@ where
             deadline: None,
             budget,
             armed: false,
-            rejection: None,
             ticket: None,
             request_span: request_span(&shared, &info, parts),
+            body: PhantomData,
             attempt_span: Span::none(),
             info,
             shared,
@@ -405,7 +414,6 @@ where
             .authority
             .as_ref()
             .or_else(|| self.head.as_ref()?.uri().authority())
-            .or_else(|| self.pending.as_ref()?.0.uri.authority())
     }
 
     fn facts(&self) -> RequestFacts<'_> {
@@ -609,33 +617,37 @@ where
     fn poll_buffer(
         &mut self,
         cx: &mut Context<'_>,
+        pending: &mut Option<(Parts, B)>,
+        buffer: &mut Option<BodyBuffer>,
     ) -> Poll<Result<Request<RequestBody<B>>, GuardFailure>>
     where
         B::Error: Into<BoxError>,
     {
-        let (Some((_, body)), Some(buffer)) = (self.pending.as_mut(), self.buffer.as_mut()) else {
+        let (Some((parts, body)), Some(buf)) = (pending.as_mut(), buffer.as_mut()) else {
             // Buffering state always has both; answer rather than panic if not.
             return Poll::Ready(Err(self.failure(FailureKind::RequestBody, None)));
         };
         loop {
             match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match buffer.feed(frame) {
+                Poll::Ready(Some(Ok(frame))) => match buf.feed(frame) {
                     Fed::More if body.is_end_stream() => break,
                     Fed::More => continue,
-                    Fed::Overflow => return Poll::Ready(Ok(self.stream_pending())),
+                    Fed::Overflow => return Poll::Ready(Ok(self.stream_pending(pending, buffer))),
                 },
                 Poll::Ready(Some(Err(error))) => {
                     let source: Arc<dyn Error + Send + Sync> = Arc::from(error.into());
+                    // The head is not kept: keep what the error body names.
+                    self.info.keep_head_facts(parts);
                     return Poll::Ready(Err(self.failure(FailureKind::RequestBody, Some(source))));
                 }
                 Poll::Ready(None) => break,
-                Poll::Pending if buffer.mode() == Mode::Ready => {
-                    return Poll::Ready(Ok(self.stream_pending()));
+                Poll::Pending if buf.mode() == Mode::Ready => {
+                    return Poll::Ready(Ok(self.stream_pending(pending, buffer)));
                 }
                 Poll::Pending => return Poll::Pending,
             }
         }
-        let (Some((parts, _body)), Some(buffer)) = (self.pending.take(), self.buffer.take()) else {
+        let (Some((parts, _body)), Some(buffer)) = (pending.take(), buffer.take()) else {
             return Poll::Ready(Err(self.failure(FailureKind::RequestBody, None)));
         };
         let replay = buffer.finish();
@@ -647,14 +659,17 @@ where
 
     /// Gives up on buffering: the request streams through once with what was read
     /// so far in front of the rest of the body.
-    fn stream_pending(&mut self) -> Request<RequestBody<B>> {
-        let prefix = self
-            .buffer
+    fn stream_pending(
+        &mut self,
+        pending: &mut Option<(Parts, B)>,
+        buffer: &mut Option<BodyBuffer>,
+    ) -> Request<RequestBody<B>> {
+        let prefix = buffer
             .take()
             .map(BodyBuffer::into_prefix)
             .unwrap_or_default();
         // `pending` is always set while buffering; this branch only runs then.
-        let (parts, body) = match self.pending.take() {
+        let (parts, body) = match pending.take() {
             Some(pending) => pending,
             None => unreachable_pending(),
         };
@@ -667,14 +682,10 @@ where
         kind: FailureKind,
         source: Option<Arc<dyn Error + Send + Sync>>,
     ) -> GuardFailure {
-        let request_id = self.info.request_id.clone().or_else(|| {
-            let kept = self.head.as_ref().and_then(|h| h.header(&X_REQUEST_ID));
-            let pending = self
-                .pending
-                .as_ref()
-                .and_then(|(p, _)| p.headers.get(X_REQUEST_ID));
-            request_id_in(kept.or(pending))
-        });
+        let request_id =
+            self.info.request_id.clone().or_else(|| {
+                request_id_in(self.head.as_ref().and_then(|h| h.header(&X_REQUEST_ID)))
+            });
         let failure = GuardFailure::new(kind, self.attempt)
             .with_request_id(request_id)
             .with_source(source);
@@ -882,28 +893,30 @@ where
         let ctx = this.ctx;
         loop {
             let attempted = match this.state.as_mut().project() {
-                StateProj::Buffering => match ctx.poll_buffer(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(failure)) => {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(ctx.answer(failure)));
-                    }
-                    Poll::Ready(Ok(request)) => {
-                        let Some(mut service) = ctx.service.take() else {
-                            // Buffering always keeps the ready service for this call.
+                StateProj::Buffering { pending, buffer } => {
+                    match ctx.poll_buffer(cx, pending, buffer) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(failure)) => {
                             this.state.set(State::Done);
-                            let failure = ctx.failure(FailureKind::Transport, None);
                             return Poll::Ready(Ok(ctx.answer(failure)));
-                        };
-                        let future = ctx.call(&mut service, request);
-                        // Keep the service only if the request can be sent again.
-                        if ctx.head.is_some() {
-                            ctx.service = Some(service);
                         }
-                        this.state.set(State::Calling { future });
-                        continue;
+                        Poll::Ready(Ok(request)) => {
+                            let Some(mut service) = ctx.service.take() else {
+                                // Buffering always keeps the ready service for this call.
+                                this.state.set(State::Done);
+                                let failure = ctx.failure(FailureKind::Transport, None);
+                                return Poll::Ready(Ok(ctx.answer(failure)));
+                            };
+                            let future = ctx.call(&mut service, request);
+                            // Keep the service only if the request can be sent again.
+                            if ctx.head.is_some() {
+                                ctx.service = Some(service);
+                            }
+                            this.state.set(State::Calling { future });
+                            continue;
+                        }
                     }
-                },
+                }
                 StateProj::Calling { future } => {
                     let polled = if ctx.attempt_span.is_disabled() {
                         future.poll(cx)
@@ -1026,13 +1039,13 @@ where
                         },
                     }
                 }
-                StateProj::Rejected => {
-                    this.state.set(State::Done);
-                    let rejection = ctx.rejection.take().unwrap_or(Rejection {
+                StateProj::Rejected { rejection } => {
+                    let rejection = rejection.take().unwrap_or(Rejection {
                         kind: FailureKind::Transport,
                         source: None,
                         retry_after: None,
                     });
+                    this.state.set(State::Done);
                     let failure = ctx
                         .failure(rejection.kind, rejection.source)
                         .with_retry_after(rejection.retry_after);
