@@ -355,6 +355,7 @@ async fn a_client_body_that_fails_is_a_400_and_never_reaches_the_upstream() {
         vec![Ok(Frame::data(Bytes::from_static(b"half"))), Err(Broken)];
     let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
     let req = http::Request::put(upstream.url("/echo"))
+        .header("x-request-id", "req-broken-body")
         .body(body)
         .unwrap();
     let response = client.oneshot(req).await.unwrap();
@@ -364,6 +365,10 @@ async fn a_client_body_that_fails_is_a_400_and_never_reaches_the_upstream() {
         .get::<upstream_guard::GuardFailure>()
         .unwrap();
     assert_eq!(failure.kind(), FailureKind::RequestBody);
+    // The request failed while its body was being buffered: the answer still
+    // names the upstream and echoes the request id.
+    assert_eq!(failure.upstream(), Some(upstream.authority().as_str()));
+    assert_eq!(failure.request_id(), Some("req-broken-body"));
     assert_eq!(upstream.requests().len(), 0);
 }
 
