@@ -77,9 +77,18 @@ pub async fn bind() -> (TcpListener, SocketAddr) {
     (listener, addr)
 }
 
-/// A port on 127.0.0.1 where nothing listens.
+/// A port on 127.0.0.1 where nothing listens: bound, never listening, and kept
+/// so until the process exits (a freed port could go to the next `bind(0)`).
 pub async fn refused_addr() -> SocketAddr {
-    let (_listener, addr) = bind().await;
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("a bound socket's address");
+    if let Ok(mut held) = HELD.lock() {
+        held.push(socket);
+    }
     addr
 }
 

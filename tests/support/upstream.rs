@@ -102,13 +102,20 @@ impl Recorded {
 }
 
 /// A loopback address (127.0.0.1:port) where nothing listens: connecting is refused.
+///
+/// The port stays bound, never listening, until the test process exits: a port
+/// merely freed again could be handed to the next `bind(0)` (a proxy under test,
+/// say), and the "refused" upstream would answer.
 pub fn refused_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("refused_addr: a TCP socket");
+    socket
+        .bind((Ipv4Addr::LOCALHOST, 0).into())
         .expect("refused_addr: bind 127.0.0.1:0");
-    let addr = listener
-        .local_addr()
-        .expect("refused_addr: local_addr of a bound listener");
-    drop(listener);
+    let addr = socket.local_addr().expect("refused_addr: local_addr");
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(socket);
     addr
 }
 
