@@ -15,7 +15,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::ready;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -243,15 +243,7 @@ thread_local! {
 /// An upstream that answers every other call with 503 (so each request fails once
 /// and succeeds on its retry) and checks where the body bytes it gets live: the
 /// caller's bytes, and, on the retry, the same bytes as on the first attempt.
-fn flaky<B>() -> impl Service<
-    Request<B>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = Ready<Result<Response<Body>, Infallible>>,
-> + Clone
-       + Send
-       + Sync
-       + 'static
+fn flaky<B>() -> impl support::Upstream<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
 {

@@ -33,6 +33,31 @@ pub struct Prepared {
     call: Box<dyn FnMut() -> StatusCode>,
 }
 
+impl Prepared {
+    /// The measured call: `request` sent once through `svc`. `keep` (what the
+    /// request was built from) lives as long as the call, so dropping the
+    /// request only drops references, as with a connection's read buffer.
+    fn one_call<S, ReqB, ResB, K>(
+        rt: tokio::runtime::Runtime,
+        mut svc: S,
+        request: Request<ReqB>,
+        keep: K,
+    ) -> Prepared
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + 'static,
+        ReqB: 'static,
+        K: 'static,
+    {
+        let mut request = Some(request);
+        let call = Box::new(move || {
+            let request = request.take().expect("one call per benchmark");
+            let _keep = &keep;
+            call_now(&mut svc, request).status()
+        });
+        Prepared { rt, call }
+    }
+}
+
 fn prepare(peer: Peer, scenario: Scenario) -> Prepared {
     with_peer!(peer, inner, svc => prepare_with(scenario, svc))
 }
@@ -60,13 +85,8 @@ where
         let warm = call_now(&mut svc, make()).status();
         assert_eq!(warm, StatusCode::OK);
     }
-    let mut request = Some(make());
-    let call = Box::new(move || {
-        let request = request.take().expect("one call per benchmark");
-        let _keep = &make;
-        call_now(&mut svc, request).status()
-    });
-    Prepared { rt, call }
+    let request = make();
+    Prepared::one_call(rt, svc, request, make)
 }
 
 /// A rejection by an open circuit (or, for `OpenPeer::Bare`, the upstream's
@@ -123,13 +143,8 @@ where
             );
         }
     }
-    let mut request = Some(requests.request(requests.keys() as u64));
-    let call = Box::new(move || {
-        let request = request.take().expect("one call per benchmark");
-        let _keep = &requests;
-        call_now(&mut svc, request).status()
-    });
-    Prepared { rt, call }
+    let request = requests.request(requests.keys() as u64);
+    Prepared::one_call(rt, svc, request, requests)
 }
 
 /// A guard over a failing upstream whose registry of 1024 keys is full of open
@@ -147,13 +162,8 @@ fn prepare_evict_open(max_keys: usize) -> Prepared {
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         }
     }
-    let mut request = Some(requests.request(2 * max_keys as u64));
-    let call = Box::new(move || {
-        let request = request.take().expect("one call per benchmark");
-        let _keep = &requests;
-        call_now(&mut svc, request).status()
-    });
-    Prepared { rt, call }
+    let request = requests.request(2 * max_keys as u64);
+    Prepared::one_call(rt, svc, request, requests)
 }
 
 /// The same guard with room in its registry: one authority called (and tripped)
@@ -168,13 +178,8 @@ fn prepare_insert(max_keys: usize) -> Prepared {
         let status = call_now(&mut svc, requests.request(0)).status();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
-    let mut request = Some(requests.request(1));
-    let call = Box::new(move || {
-        let request = request.take().expect("one call per benchmark");
-        let _keep = &requests;
-        call_now(&mut svc, request).status()
-    });
-    Prepared { rt, call }
+    let request = requests.request(1);
+    Prepared::one_call(rt, svc, request, requests)
 }
 
 /// The end-to-end benchmark's axum app (`examples/bench_server.rs`), in process:

@@ -156,16 +156,36 @@ impl Template {
     }
 }
 
+/// A benchmark upstream: a `service_fn` that answers at once (its future is
+/// `Ready`), never fails, and clones freely.
+pub trait Upstream<B>:
+    Service<
+        Request<B>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = Ready<Result<Response<Body>, Infallible>>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<B, S> Upstream<B> for S where
+    S: Service<
+            Request<B>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = Ready<Result<Response<Body>, Infallible>>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The upstream: a trivial, always-ready `service_fn` answering 200 at once.
-pub fn inner<B>() -> impl Service<
-    Request<B>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = Ready<Result<Response<Body>, Infallible>>,
-> + Clone
-       + Send
-       + Sync
-       + 'static {
+pub fn inner<B>() -> impl Upstream<B> {
     tower::service_fn(|_request: Request<B>| ready(Ok(Response::new(ok_body()))))
 }
 
@@ -536,15 +556,7 @@ pub fn drain<B: HttpBody>(body: B) -> usize {
 pub const OPEN_FOR: Duration = Duration::from_secs(3600);
 
 /// An upstream that always answers 503 (to trip a breaker).
-pub fn failing<B>() -> impl Service<
-    Request<B>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = Ready<Result<Response<Body>, Infallible>>,
-> + Clone
-       + Send
-       + Sync
-       + 'static {
+pub fn failing<B>() -> impl Upstream<B> {
     tower::service_fn(|_request: Request<B>| {
         let mut response = Response::new(Full::new(Bytes::from_static(b"unavailable")));
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
