@@ -131,7 +131,9 @@
 //! `upstream_guard.circuit_state`; one child `upstream_guard.attempt` (DEBUG) per
 //! attempt with `upstream_guard.attempt`, `http.request.resend_count`,
 //! `http.response.status_code` and `error.type`. Retries are DEBUG events and
-//! circuit transitions WARN events. An [`Observer`] receives every attempt,
+//! circuit transitions WARN events. Spans are made for `tracing` subscribers:
+//! until one has been set (globally or scoped) the guard creates none, which
+//! keeps their cost off the request path. An [`Observer`] receives every attempt,
 //! retry, denied retry, transition, rejection and final response.
 //!
 //! # Features
