@@ -9,6 +9,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::bulkhead::Permit;
 use crate::BoxError;
 
 pin_project! {
@@ -41,11 +44,13 @@ pin_project! {
     #[project = RequestInnerProj]
     enum RequestInner<B> {
         // The caller's body, passed through once. `prefix` holds bytes the guard
-        // already read while checking whether the body could be replayed.
+        // already read while checking whether the body could be replayed;
+        // `watch` tells the guard how far the caller got in sending it.
         Stream {
             prefix: Option<Bytes>,
             #[pin]
             body: B,
+            watch: Option<SendWatch>,
         },
         // A replayable copy.
         Replay {
@@ -59,16 +64,22 @@ impl<B> RequestBody<B> {
     /// Passes `body` through as it is.
     pub fn new(body: B) -> Self {
         RequestBody {
-            inner: RequestInner::Stream { prefix: None, body },
+            inner: RequestInner::Stream {
+                prefix: None,
+                body,
+                watch: None,
+            },
         }
     }
 
-    /// Sends `prefix` and then the rest of `body`.
-    pub(crate) fn with_prefix(prefix: Bytes, body: B) -> Self {
+    /// Sends `prefix` and then the rest of `body`, telling `watch` whether the
+    /// caller finished sending it.
+    pub(crate) fn watched(prefix: Bytes, body: B, watch: Option<SendWatch>) -> Self {
         RequestBody {
             inner: RequestInner::Stream {
                 prefix: (!prefix.is_empty()).then_some(prefix),
                 body,
+                watch,
             },
         }
     }
@@ -116,12 +127,26 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().inner.project() {
-            RequestInnerProj::Stream { prefix, body } => {
+            RequestInnerProj::Stream {
+                prefix,
+                mut body,
+                watch,
+            } => {
                 if let Some(prefix) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
-                body.poll_frame(cx)
-                    .map(|frame| frame.map(|r| r.map(|f| f.map_data(into_bytes))))
+                let polled = body.as_mut().poll_frame(cx);
+                if let Some(watch) = watch {
+                    match &polled {
+                        Poll::Ready(None) => watch.set(SendState::Sent),
+                        Poll::Ready(Some(Err(_))) => watch.set(SendState::Failed),
+                        Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
+                            watch.set(SendState::Sent);
+                        }
+                        _ => {}
+                    }
+                }
+                polled.map(|frame| frame.map(|r| r.map(|f| f.map_data(into_bytes))))
             }
             RequestInnerProj::Replay { data, trailers } => {
                 if let Some(data) = data.take() {
@@ -134,14 +159,14 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            RequestInner::Stream { prefix, body } => prefix.is_none() && body.is_end_stream(),
+            RequestInner::Stream { prefix, body, .. } => prefix.is_none() && body.is_end_stream(),
             RequestInner::Replay { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            RequestInner::Stream { prefix, body } => {
+            RequestInner::Stream { prefix, body, .. } => {
                 let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
                 let inner = body.size_hint();
                 let mut hint = SizeHint::new();
@@ -154,6 +179,45 @@ where
             RequestInner::Replay { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+        }
+    }
+}
+
+/// How far the caller got in sending a streamed request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SendState {
+    /// Still arriving.
+    Sending,
+    /// Sent to the end.
+    Sent,
+    /// The caller's body failed (it broke its length, or the caller went away).
+    Failed,
+}
+
+/// Shared between a streamed request body and its response future, so that a
+/// failed attempt can be blamed on whoever caused it: an attempt that timed out
+/// while the caller was still sending its body is the caller's doing, not the
+/// upstream's.
+///
+/// One small allocation per request whose body streams through (never for
+/// empty or buffered bodies, which the guard reads itself).
+#[derive(Clone, Debug)]
+pub(crate) struct SendWatch(Arc<AtomicU8>);
+
+impl SendWatch {
+    pub(crate) fn new() -> SendWatch {
+        SendWatch(Arc::new(AtomicU8::new(SendState::Sending as u8)))
+    }
+
+    fn set(&self, state: SendState) {
+        self.0.store(state as u8, Ordering::Release);
+    }
+
+    pub(crate) fn state(&self) -> SendState {
+        match self.0.load(Ordering::Acquire) {
+            x if x == SendState::Sent as u8 => SendState::Sent,
+            x if x == SendState::Failed as u8 => SendState::Failed,
+            _ => SendState::Sending,
         }
     }
 }
@@ -183,6 +247,9 @@ pin_project! {
             #[pin]
             idle: Option<Sleep>,
             idle_timeout: Option<Duration>,
+            // The concurrency permit, given back when the body ends, fails,
+            // idles out or is dropped.
+            permit: Option<Permit>,
         },
         Synthesized {
             data: Option<Bytes>,
@@ -199,11 +266,17 @@ impl<B> ResponseBody<B> {
     /// Wraps the upstream's body; the body fails with [`BodyIdleTimeout`] if
     /// `idle_timeout` passes without a frame.
     pub(crate) fn upstream_with_idle_timeout(body: B, idle_timeout: Option<Duration>) -> Self {
+        ResponseBody::guarded(body, idle_timeout, None)
+    }
+
+    /// Wraps the upstream's body, holding `permit` until the body is over.
+    pub(crate) fn guarded(body: B, idle_timeout: Option<Duration>, permit: Option<Permit>) -> Self {
         ResponseBody {
             inner: ResponseInner::Upstream {
                 body,
                 idle: None,
                 idle_timeout,
+                permit,
             },
         }
     }
@@ -251,11 +324,17 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().inner.project() {
             ResponseInnerProj::Upstream {
-                body,
+                mut body,
                 mut idle,
                 idle_timeout,
-            } => match body.poll_frame(cx) {
+                permit,
+            } => match body.as_mut().poll_frame(cx) {
                 Poll::Ready(frame) => {
+                    // The end, an error, or a last frame: the upstream's work is over.
+                    let over = !matches!(frame, Some(Ok(_))) || body.is_end_stream();
+                    if over {
+                        *permit = None;
+                    }
                     // Progress: the next wait starts a fresh idle period.
                     if let (Some(timeout), Some(sleep)) = (idle_timeout, idle.as_mut().as_pin_mut())
                     {
@@ -277,6 +356,7 @@ where
                     }
                     match idle.as_pin_mut().map(|sleep| sleep.poll(cx)) {
                         Some(Poll::Ready(())) => {
+                            *permit = None;
                             Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(timeout)))))
                         }
                         _ => Poll::Pending,
@@ -346,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn prefix_comes_before_the_rest_of_the_stream() {
         let rest = StreamBody::new(futures_util_stream(vec![b"world".to_vec()]));
-        let body = RequestBody::with_prefix(Bytes::from_static(b"hello "), rest);
+        let body = RequestBody::watched(Bytes::from_static(b"hello "), rest, None);
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(bytes, "hello world");
     }

@@ -46,6 +46,11 @@ pub enum FailureKind {
     /// declared length). Nothing was sent upstream. Answered with `400 Bad Request`:
     /// this is not the upstream's fault and must not count against it.
     RequestBody,
+    /// The client did not finish sending its request body in time: a body read for
+    /// replay was not complete by the deadline, or a streamed body was still
+    /// arriving when the attempt's time ran out. Answered with `408 Request
+    /// Timeout` (as Envoy does); never counted against the upstream.
+    RequestBodyTimeout,
 }
 
 impl FailureKind {
@@ -62,6 +67,7 @@ impl FailureKind {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             FailureKind::RequestBody => StatusCode::BAD_REQUEST,
+            FailureKind::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -77,6 +83,7 @@ impl FailureKind {
             FailureKind::CircuitOpen => "circuit_open",
             FailureKind::ConcurrencyLimited => "concurrency_limited",
             FailureKind::RequestBody => "request_body",
+            FailureKind::RequestBodyTimeout => "request_body_timeout",
         }
     }
 
@@ -92,6 +99,7 @@ impl FailureKind {
             FailureKind::CircuitOpen => "urn:upstream-guard:problem:circuit-open",
             FailureKind::ConcurrencyLimited => "urn:upstream-guard:problem:concurrency-limited",
             FailureKind::RequestBody => "urn:upstream-guard:problem:request-body",
+            FailureKind::RequestBodyTimeout => "urn:upstream-guard:problem:request-body-timeout",
         }
     }
 
@@ -107,14 +115,18 @@ impl FailureKind {
             FailureKind::CircuitOpen => "the upstream is failing; calls are paused",
             FailureKind::ConcurrencyLimited => "too many requests to the upstream are in flight",
             FailureKind::RequestBody => "the request body could not be read",
+            FailureKind::RequestBodyTimeout => "the request body did not arrive in time",
         }
     }
 
     /// The gRPC status code used for gRPC requests: `UNAVAILABLE` (14) for 502/503,
-    /// `DEADLINE_EXCEEDED` (4) for 504, `INTERNAL` (13) for a broken request body.
+    /// `DEADLINE_EXCEEDED` (4) for 504 and for a request body that did not arrive
+    /// in time, `INTERNAL` (13) for a broken request body.
     pub const fn grpc_code(self) -> u8 {
         match self {
-            FailureKind::AttemptTimeout | FailureKind::DeadlineExceeded => 4,
+            FailureKind::AttemptTimeout
+            | FailureKind::DeadlineExceeded
+            | FailureKind::RequestBodyTimeout => 4,
             FailureKind::RequestBody => 13,
             _ => 14,
         }
@@ -126,6 +138,16 @@ impl FailureKind {
         matches!(
             self,
             FailureKind::Connect | FailureKind::CircuitOpen | FailureKind::ConcurrencyLimited
+        )
+    }
+
+    /// Whether the caller, not the upstream, caused this failure: its request body
+    /// broke or did not arrive in time. Such failures never count against the
+    /// upstream's circuit breaker.
+    pub const fn is_callers_fault(self) -> bool {
+        matches!(
+            self,
+            FailureKind::RequestBody | FailureKind::RequestBodyTimeout
         )
     }
 

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -33,8 +34,9 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 use tracing::Span;
 
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{RequestBody, ResponseBody, SendState, SendWatch};
 use crate::breaker::{Admit, KeyCache, Record, Target, Ticket, Transition};
+use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
 use crate::failure::{FailureKind, GuardFailure};
 use crate::grpc;
@@ -179,8 +181,17 @@ where
     budget: Duration,
     /// Whether the timer is armed for the current attempt.
     armed: bool,
+    /// Which breaker the request belongs to; `None` without breakers. Found
+    /// when the request arrives, admitted to only when an attempt is about to
+    /// be sent.
+    target: Option<Target>,
     /// The request's hold on its circuit breaker.
     ticket: Option<Ticket>,
+    /// How far the caller got in sending the body of a streamed attempt.
+    watch: Option<SendWatch>,
+    /// Which of our timeouts the `grpc-timeout` sent with the current attempt
+    /// stands for: an upstream's `DEADLINE_EXCEEDED` is that timeout firing.
+    grpc_timeout_kind: FailureKind,
     request_span: Span,
     attempt_span: Span,
     /// The request body type the inner service's requests carry (the body
@@ -216,6 +227,10 @@ where
 {
     /// Starts a guarded request: the first attempt is made right away unless the
     /// body has to be buffered first.
+    ///
+    /// The request is admitted to its circuit breaker (and concurrency cap) only
+    /// when its first attempt is about to be sent: a client that is slow to send
+    /// a body the guard must buffer holds no half-open probe and no permit.
     pub(crate) fn start(
         request: Request<B>,
         inner: &mut S,
@@ -229,15 +244,11 @@ where
             retry_budget.deposit();
         }
         let mut ctx = Ctx::new(shared, info, budget, &parts);
-        if let Some(rejection) = ctx.admit(&parts, key_cache) {
-            return ResponseFuture {
-                state: State::Rejected {
-                    rejection: Some(rejection),
-                },
-                timer: None,
-                ctx,
-            };
-        }
+        ctx.target = ctx
+            .shared
+            .breakers
+            .as_ref()
+            .map(|breakers| breakers.target(&parts, key_cache));
         if ctx.info.is_grpc {
             // The caller's gRPC deadline runs from when it sent the request, and we
             // must tell the upstream how much of it is left: start the clock now.
@@ -252,12 +263,19 @@ where
         let state = match plan {
             Plan::Stream => {
                 ctx.info.keep_head_facts(&parts);
-                let request = ctx.first_request(parts, RequestBody::new(body));
+                if let Some(rejection) = ctx.admit(None) {
+                    return ResponseFuture::rejected(ctx, rejection);
+                }
+                let body = ctx.stream(Bytes::new(), body);
+                let request = ctx.first_request(parts, body);
                 State::Calling {
                     future: ctx.call(inner, request),
                 }
             }
             Plan::Empty => {
+                if let Some(rejection) = ctx.admit(Some(&parts)) {
+                    return ResponseFuture::rejected(ctx, rejection);
+                }
                 // Keep the ready service for retries and leave a clone in its place
                 // (it must be polled ready again before its next call anyway).
                 let mut service = take_ready(inner);
@@ -283,6 +301,17 @@ where
         }
     }
 
+    /// Answers a request without calling the upstream.
+    fn rejected(ctx: Ctx<S, B>, rejection: Rejection) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                rejection: Some(rejection),
+            },
+            timer: None,
+            ctx,
+        }
+    }
+
     /// Answers a request for which the inner service failed to become ready.
     pub(crate) fn not_ready(request: Request<B>, shared: Arc<Shared>, error: BoxError) -> Self {
         let (parts, _body) = request.into_parts();
@@ -296,13 +325,7 @@ where
             source: Some(Arc::from(error)),
             retry_after: None,
         };
-        ResponseFuture {
-            state: State::Rejected {
-                rejection: Some(rejection),
-            },
-            timer: None,
-            ctx,
-        }
+        ResponseFuture::rejected(ctx, rejection)
     }
 }
 
@@ -408,7 +431,10 @@ where
             deadline: None,
             budget,
             armed: false,
+            target: None,
             ticket: None,
+            watch: None,
+            grpc_timeout_kind: FailureKind::AttemptTimeout,
             request_span: request_span(&shared, &info, parts),
             body: PhantomData,
             attempt_span: Span::none(),
@@ -434,10 +460,13 @@ where
     }
 
     /// Asks the circuit breaker (and concurrency cap) whether the request may go
-    /// ahead; the answer if not.
-    fn admit(&mut self, parts: &Parts, key_cache: &mut KeyCache) -> Option<Rejection> {
+    /// ahead, right before its first attempt is sent; the answer if not.
+    ///
+    /// `head` is the request head when it will not be kept otherwise: a
+    /// rejection then keeps what its event and error body name.
+    fn admit(&mut self, head: Option<&Parts>) -> Option<Rejection> {
         let breakers = self.shared.breakers.as_ref()?;
-        let target = breakers.target(parts, key_cache);
+        let target = self.target?;
         let (admit, transition, state) = breakers.admit(target);
         if !self.request_span.is_disabled() {
             self.request_span
@@ -454,7 +483,9 @@ where
             Admit::Reject(kind, retry_after) => {
                 // The head is not kept for a rejected request: keep what the
                 // event and the error body name (the upstream, the request id).
-                self.info.keep_head_facts(parts);
+                if let Some(parts) = head {
+                    self.info.keep_head_facts(parts);
+                }
                 self.shared.observer.on_rejected(&RejectedEvent {
                     request: self.facts(),
                     kind,
@@ -494,11 +525,16 @@ where
 
     /// Feeds an attempt's outcome to the circuit breaker.
     fn record_breaker(&mut self, outcome: AttemptOutcome) {
+        let callers_deadline = self.callers_deadline();
         let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) else {
             return;
         };
         let failure = match outcome {
-            AttemptOutcome::Failure(FailureKind::RequestBody) => return,
+            // Only the upstream's own failures count against it (see the crate
+            // docs, "Who pays for a failure"): not the caller's body...
+            AttemptOutcome::Failure(kind) if kind.is_callers_fault() => return,
+            // ...and not a deadline the caller chose shorter than ours.
+            AttemptOutcome::Failure(FailureKind::DeadlineExceeded) if callers_deadline => return,
             other => other.is_failure(),
         };
         let slow = breakers.slow_threshold().is_some_and(|threshold| {
@@ -509,6 +545,13 @@ where
         if let Some(transition) = breakers.record(ticket, Record { failure, slow }) {
             self.emit_transition(target, transition);
         }
+    }
+
+    /// Whether the caller shortened the deadline (an inbound `grpc-timeout`
+    /// below the configured deadline): the deadline is then the caller's choice,
+    /// and running out of it says nothing about the upstream.
+    fn callers_deadline(&self) -> bool {
+        self.budget < self.shared.deadline
     }
 
     /// Gives back the breaker's probe and concurrency permit.
@@ -524,6 +567,47 @@ where
             (Some(breakers), Some(ticket)) => breakers.allows_retry(ticket),
             _ => true,
         }
+    }
+
+    /// Starts the request's clock if it has not started, without starting an
+    /// attempt's; the deadline.
+    fn start_deadline(&mut self, now: Instant) -> Instant {
+        if self.started.is_none() {
+            self.started = Some(now);
+            self.deadline = Some(later(now, self.budget));
+        }
+        self.deadline.unwrap_or(later(now, self.budget))
+    }
+
+    /// The failure for a body that was still being read for replay when the
+    /// deadline passed.
+    fn body_timed_out(&mut self, pending: &Option<(Parts, B)>) -> GuardFailure {
+        // The head is not kept: keep what the error body names.
+        if let Some((parts, _)) = pending {
+            self.info.keep_head_facts(parts);
+        }
+        self.failure(FailureKind::RequestBodyTimeout, None)
+    }
+
+    /// The answer for a request that was not (or no longer) let through.
+    fn reject<ResB>(&mut self, rejection: Rejection) -> Response<ResponseBody<ResB>> {
+        let failure = self
+            .failure(rejection.kind, rejection.source)
+            .with_retry_after(rejection.retry_after);
+        self.answer(failure)
+    }
+
+    /// For a gRPC attempt answered `DEADLINE_EXCEEDED` (a trailers-only
+    /// response): which of our timeouts that is. We told the upstream how long
+    /// it had, so its deadline is ours firing, and it races our own timer (the
+    /// upstream tends to win): the attempt is treated exactly as if our timer
+    /// had fired, retry included.
+    fn upstream_deadline_exceeded<ResB>(&self, response: &Response<ResB>) -> Option<FailureKind> {
+        if !self.info.is_grpc {
+            return None;
+        }
+        let status = response.headers().get(grpc::GRPC_STATUS)?;
+        (status.as_bytes() == b"4").then_some(self.grpc_timeout_kind)
     }
 
     fn start_clock(&mut self, now: Instant) {
@@ -572,6 +656,34 @@ where
         })
     }
 
+    /// The caller's body to stream through once, after `prefix` (bytes already
+    /// read), watched so that a failed attempt can be blamed on the caller when
+    /// its body stalled or broke. An empty body needs no watch.
+    fn stream(&mut self, prefix: Bytes, body: B) -> RequestBody<B> {
+        let watch = (!prefix.is_empty() || !body.is_end_stream()).then(SendWatch::new);
+        self.watch.clone_from(&watch);
+        RequestBody::watched(prefix, body, watch)
+    }
+
+    /// Whether the caller's streamed body of the current attempt is still
+    /// arriving, or failed.
+    fn send_state(&self) -> SendState {
+        self.watch
+            .as_ref()
+            .map_or(SendState::Sent, SendWatch::state)
+    }
+
+    /// The kind of an attempt's failure, blamed on the caller when its body was
+    /// the cause: it broke (400), or the attempt's time ran out while the body
+    /// was still arriving (408).
+    fn blame(&self, kind: FailureKind) -> FailureKind {
+        match self.send_state() {
+            SendState::Failed => FailureKind::RequestBody,
+            SendState::Sending if kind.is_timeout() => FailureKind::RequestBodyTimeout,
+            _ => kind,
+        }
+    }
+
     /// The first attempt's request, from the original head.
     fn first_request(&mut self, parts: Parts, body: RequestBody<B>) -> Request<RequestBody<B>> {
         let mut request = Request::from_parts(parts, body);
@@ -588,8 +700,13 @@ where
         let now = Instant::now();
         let left = self
             .deadline
-            .map_or(self.budget, |d| d.saturating_duration_since(now))
-            .min(self.shared.attempt_timeout);
+            .map_or(self.budget, |d| d.saturating_duration_since(now));
+        self.grpc_timeout_kind = if self.shared.attempt_timeout < left {
+            FailureKind::AttemptTimeout
+        } else {
+            FailureKind::DeadlineExceeded
+        };
+        let left = left.min(self.shared.attempt_timeout);
         request
             .headers_mut()
             .insert(grpc::GRPC_TIMEOUT, grpc::encode_grpc_timeout(left));
@@ -684,7 +801,8 @@ where
             None => unreachable_pending(),
         };
         self.info.keep_head_facts(&parts);
-        self.first_request(parts, RequestBody::with_prefix(prefix, body))
+        let body = self.stream(prefix, body);
+        self.first_request(parts, body)
     }
 
     fn failure(
@@ -833,13 +951,22 @@ where
                 };
                 self.record_response(status, outcome);
                 let idle = self.shared.body_idle_timeout;
-                response.map(|body| ResponseBody::upstream_with_idle_timeout(body, idle))
+                let permit = self.permit_for_body();
+                response.map(|body| ResponseBody::guarded(body, idle, permit))
             }
             Attempted::Failed(kind, source) => {
                 let failure = self.failure(kind, source);
                 self.answer(failure)
             }
         }
+    }
+
+    /// The concurrency permit to carry in the response body, which then holds
+    /// it until the upstream's work is over; anything else the ticket holds is
+    /// given back now.
+    fn permit_for_body(&mut self) -> Option<Permit> {
+        let ticket = self.ticket.take_if(|ticket| ticket.permit)?;
+        Some(Permit::new(self.shared.clone(), ticket))
     }
 
     /// Synthesizes the response for a failure, runs the user's hook, and records it.
@@ -850,10 +977,7 @@ where
             is_grpc: self.info.is_grpc,
             expose_details: self.shared.expose_error_details,
         };
-        let mut response = synthesize(&failure, flavor);
-        if let Some(hook) = &self.shared.failure_hook {
-            hook(&failure, &mut response);
-        }
+        let response = synthesize(&failure, flavor, self.shared.failure_hook.as_deref());
         if !self.request_span.is_disabled() {
             self.request_span
                 .record("error.type", failure.kind().as_str());
@@ -905,12 +1029,34 @@ where
             let attempted = match this.state.as_mut().project() {
                 StateProj::Buffering { pending, buffer } => {
                     match ctx.poll_buffer(cx, pending, buffer) {
-                        Poll::Pending => return Poll::Pending,
+                        Poll::Pending => {
+                            // Reading the body is bounded by the deadline: a client
+                            // that stops sending holds nothing past it.
+                            if !ctx.armed {
+                                let deadline = ctx.start_deadline(Instant::now());
+                                arm(this.timer.as_mut(), deadline);
+                                ctx.armed = true;
+                            }
+                            match this.timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                                Some(Poll::Ready(())) => {
+                                    let failure = ctx.body_timed_out(pending);
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Ok(ctx.answer(failure)));
+                                }
+                                _ => return Poll::Pending,
+                            }
+                        }
                         Poll::Ready(Err(failure)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(ctx.answer(failure)));
                         }
                         Poll::Ready(Ok(request)) => {
+                            if let Some(rejection) = ctx.admit(None) {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(ctx.reject(rejection)));
+                            }
+                            // The attempt's own clock starts when it is sent.
+                            ctx.attempt_started = None;
                             let Some(mut service) = ctx.service.take() else {
                                 // Buffering always keeps the ready service for this call.
                                 this.state.set(State::Done);
@@ -936,12 +1082,19 @@ where
                     };
                     match polled {
                         Poll::Ready(Ok(response)) => {
-                            let status = response.status();
-                            let class = ctx
-                                .shared
-                                .classifier
-                                .classify_response(status, response.headers());
-                            Attempted::Response(response, status, class)
+                            match ctx.upstream_deadline_exceeded(&response) {
+                                // The upstream ran out of the grpc-timeout we gave it:
+                                // our timer, firing at the upstream.
+                                Some(kind) => Attempted::Failed(kind, None),
+                                None => {
+                                    let status = response.status();
+                                    let class = ctx
+                                        .shared
+                                        .classifier
+                                        .classify_response(status, response.headers());
+                                    Attempted::Response(response, status, class)
+                                }
+                            }
                         }
                         Poll::Ready(Err(error)) => {
                             let error: BoxError = error.into();
@@ -952,7 +1105,7 @@ where
                                 Some(timeout) => timeout,
                                 None => ctx.shared.classifier.error_kind(&*error),
                             };
-                            Attempted::failed(kind, error)
+                            Attempted::failed(ctx.blame(kind), error)
                         }
                         Poll::Pending => {
                             if !ctx.armed {
@@ -965,7 +1118,7 @@ where
                                     // The timer fired, so the attempt's time is up.
                                     let kind =
                                         ctx.timed_out_kind().unwrap_or(FailureKind::AttemptTimeout);
-                                    Attempted::Failed(kind, None)
+                                    Attempted::Failed(ctx.blame(kind), None)
                                 }
                                 _ => return Poll::Pending,
                             }
@@ -1056,10 +1209,7 @@ where
                         retry_after: None,
                     });
                     this.state.set(State::Done);
-                    let failure = ctx
-                        .failure(rejection.kind, rejection.source)
-                        .with_retry_after(rejection.retry_after);
-                    return Poll::Ready(Ok(ctx.answer(failure)));
+                    return Poll::Ready(Ok(ctx.reject(rejection)));
                 }
                 // Polled after completion: a caller bug. Never panic on the request
                 // path; there is nothing left to return.

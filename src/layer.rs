@@ -15,8 +15,7 @@ use crate::observe::{NoopObserver, Observer};
 use crate::retry::{Retry, RetryBudget};
 use crate::service::UpstreamGuard;
 
-/// A hook that may change or replace any response the guard synthesizes.
-type FailureHook = dyn Fn(&GuardFailure, &mut Response<Bytes>) + Send + Sync;
+use crate::response::FailureHook;
 
 /// Everything every service built from one layer shares: configuration and state
 /// (budget, breakers, observer). Created once in [`Builder::build`], so that axum's

@@ -154,6 +154,7 @@
 
 mod body;
 mod breaker;
+mod bulkhead;
 mod classify;
 #[cfg(feature = "serde")]
 mod config;

@@ -151,8 +151,28 @@ fn decimal_header(n: u64) -> HeaderValue {
     HeaderValue::from(n)
 }
 
-/// Builds the response for a failure, with the failure in its extensions.
-pub(crate) fn synthesize(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
+/// A user's hook that may edit or replace a synthesized response.
+pub(crate) type FailureHook = dyn Fn(&GuardFailure, &mut Response<Bytes>) + Send + Sync;
+
+/// Builds the response for a failure, with the failure in its extensions, and
+/// lets the user's hook edit it. `Content-Length` and the `HEAD` rule are
+/// applied after the hook, so an edited body is never framed by a stale length.
+pub(crate) fn synthesize(
+    failure: &GuardFailure,
+    flavor: Flavor,
+    hook: Option<&FailureHook>,
+) -> Response<Bytes> {
+    let mut response = build(failure, flavor);
+    if let Some(hook) = hook {
+        hook(failure, &mut response);
+    }
+    finalize(&mut response, flavor);
+    response
+}
+
+/// The response for a failure before the hook: the body is complete even for
+/// `HEAD`, and `Content-Length` is not set yet.
+fn build(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
     let mut response = if flavor.is_grpc {
         grpc_response(failure, flavor)
     } else {
@@ -198,15 +218,9 @@ fn problem_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
     // Sized for a typical problem document, so it is written without regrowing.
     let mut json = Vec::with_capacity(320);
     problem.write_json(&mut json);
-    let len = json.len();
-    let body = if flavor.is_head {
-        Bytes::new()
-    } else {
-        // Exactly sized, the buffer becomes the `Bytes` itself; with spare
-        // capacity `Bytes` would allocate a shared header next to it.
-        Bytes::from(json.into_boxed_slice())
-    };
-    let mut response = Response::new(body);
+    // Exactly sized, the buffer becomes the `Bytes` itself; with spare capacity
+    // `Bytes` would allocate a shared header next to it.
+    let mut response = Response::new(Bytes::from(json.into_boxed_slice()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -214,17 +228,32 @@ fn problem_response(failure: &GuardFailure, flavor: Flavor) -> Response<Bytes> {
         HeaderValue::from_static("application/problem+json"),
     );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // For HEAD this is the length a GET would have had, as RFC 9110 allows.
-    headers.insert(
-        CONTENT_LENGTH,
-        decimal_header(u64::try_from(len).unwrap_or(u64::MAX)),
-    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
         if let Some(after) = failure.retry_after() {
             headers.insert(RETRY_AFTER, decimal_header(retry_after_secs(after)));
         }
     }
     response
+}
+
+/// Settles what a hook may have broken, right before the response leaves:
+/// `Content-Length` is the body's length (for `HEAD`, the length a `GET` would
+/// have had, as RFC 9110 allows), and a `HEAD` response has no body. A gRPC
+/// trailers-only response with an empty body gets no `Content-Length`, as gRPC
+/// servers send none.
+fn finalize(response: &mut Response<Bytes>, flavor: Flavor) {
+    let len = response.body().len();
+    if flavor.is_grpc && len == 0 {
+        response.headers_mut().remove(CONTENT_LENGTH);
+    } else {
+        let len = u64::try_from(len).unwrap_or(u64::MAX);
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, decimal_header(len));
+    }
+    if flavor.is_head {
+        *response.body_mut() = Bytes::new();
+    }
 }
 
 /// Seconds for a `Retry-After` header: rounded up, and at least 1 (a `0` would
@@ -317,7 +346,7 @@ mod tests {
         let failure = GuardFailure::new(FailureKind::Connect, 3)
             .with_upstream(Some("payments:8080".into()))
             .with_request_id(Some(HeaderValue::from_static("req-42")));
-        let response = synthesize(&failure, flavor());
+        let response = synthesize(&failure, flavor(), None);
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
         assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
@@ -340,7 +369,7 @@ mod tests {
         let source: std::sync::Arc<dyn Error + Send + Sync> =
             std::sync::Arc::new(std::io::Error::other("secret internal host 10.1.2.3"));
         let failure = GuardFailure::new(FailureKind::Transport, 1).with_source(Some(source));
-        let hidden = synthesize(&failure, flavor());
+        let hidden = synthesize(&failure, flavor(), None);
         assert!(!String::from_utf8_lossy(hidden.body()).contains("secret"));
         let shown = synthesize(
             &failure,
@@ -348,6 +377,7 @@ mod tests {
                 expose_details: true,
                 ..flavor()
             },
+            None,
         );
         assert!(json(&shown)["detail"]
             .as_str()
@@ -356,15 +386,42 @@ mod tests {
     }
 
     #[test]
+    fn a_hook_that_rewrites_the_body_gets_a_matching_content_length() {
+        let failure = GuardFailure::new(FailureKind::Connect, 1);
+        let hook = |_: &GuardFailure, response: &mut Response<Bytes>| {
+            *response.body_mut() = Bytes::from(vec![b'x'; 322]);
+        };
+        let response = synthesize(&failure, flavor(), Some(&hook));
+        assert_eq!(response.body().len(), 322);
+        assert_eq!(response.headers()[CONTENT_LENGTH], "322");
+    }
+
+    #[test]
+    fn a_head_answer_has_no_body_even_when_the_hook_sets_one() {
+        let failure = GuardFailure::new(FailureKind::Connect, 1);
+        let hook = |_: &GuardFailure, response: &mut Response<Bytes>| {
+            *response.body_mut() = Bytes::from_static(b"replaced by the hook");
+        };
+        let head = Flavor {
+            is_head: true,
+            ..flavor()
+        };
+        let response = synthesize(&failure, head, Some(&hook));
+        assert!(response.body().is_empty());
+        assert_eq!(response.headers()[CONTENT_LENGTH], "20");
+    }
+
+    #[test]
     fn head_has_no_body_but_the_get_length() {
         let failure = GuardFailure::new(FailureKind::DeadlineExceeded, 1);
-        let get = synthesize(&failure, flavor());
+        let get = synthesize(&failure, flavor(), None);
         let head = synthesize(
             &failure,
             Flavor {
                 is_head: true,
                 ..flavor()
             },
+            None,
         );
         assert!(head.body().is_empty());
         assert_eq!(head.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -378,7 +435,7 @@ mod tests {
     fn circuit_open_has_retry_after_rounded_up() {
         let failure = GuardFailure::new(FailureKind::CircuitOpen, 0)
             .with_retry_after(Some(Duration::from_millis(1500)));
-        let response = synthesize(&failure, flavor());
+        let response = synthesize(&failure, flavor(), None);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "2");
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
@@ -395,7 +452,7 @@ mod tests {
         let source: std::sync::Arc<dyn Error + Send + Sync> =
             std::sync::Arc::new(std::io::Error::other("100% broken\nnewline ü"));
         let failure = GuardFailure::new(FailureKind::Transport, 2).with_source(Some(source));
-        let response = synthesize(&failure, grpc);
+        let response = synthesize(&failure, grpc, None);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["grpc-status"], "14");
         let message = response.headers()["grpc-message"].to_str().unwrap();
@@ -403,14 +460,22 @@ mod tests {
             message.contains("100%25 broken%0Anewline %C3%BC"),
             "{message}"
         );
-        let timeout = synthesize(&GuardFailure::new(FailureKind::AttemptTimeout, 1), grpc);
+        let timeout = synthesize(
+            &GuardFailure::new(FailureKind::AttemptTimeout, 1),
+            grpc,
+            None,
+        );
         assert_eq!(timeout.headers()["grpc-status"], "4");
         assert!(timeout.body().is_empty());
     }
 
     #[test]
     fn the_failure_is_in_the_extensions() {
-        let response = synthesize(&GuardFailure::new(FailureKind::CircuitOpen, 0), flavor());
+        let response = synthesize(
+            &GuardFailure::new(FailureKind::CircuitOpen, 0),
+            flavor(),
+            None,
+        );
         let failure = response.extensions().get::<GuardFailure>().unwrap();
         assert_eq!(failure.kind(), FailureKind::CircuitOpen);
     }

@@ -148,6 +148,48 @@ async fn unavailable_is_retried_until_ok_when_the_call_is_idempotent() {
 }
 
 #[tokio::test]
+async fn an_upstream_deadline_exceeded_is_our_attempt_timeout_and_is_retried() {
+    // We told the server how long it had (grpc-timeout); its DEADLINE_EXCEEDED
+    // is our attempt timer firing at the server, so an idempotent call is
+    // retried like any attempt timeout.
+    let server = HealthServer::start(Faults::deadline_exceeded_first(1)).await;
+    let config = Guard {
+        retry: quick_retry(3),
+        ..Guard::default()
+    };
+    let mut client = guarded_client(server.addr, &guard(&config));
+
+    let answer = call(&mut client, idempotent(health_check()))
+        .await
+        .expect("OK after one retry");
+
+    assert_eq!(answer, ServingStatus::Serving);
+    assert_eq!(server.faults.calls(), 2, "DEADLINE_EXCEEDED, then OK");
+}
+
+#[tokio::test]
+async fn an_upstream_deadline_exceeded_on_the_last_attempt_is_our_timeout_answer() {
+    let server = HealthServer::start(Faults::deadline_exceeded_first(5)).await;
+    let config = Guard {
+        retry: quick_retry(2),
+        ..Guard::default()
+    };
+    let mut client = guarded_client(server.addr, &guard(&config));
+
+    let status = call(&mut client, idempotent(health_check()))
+        .await
+        .expect_err("fails");
+
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(
+        status.message(),
+        "the upstream did not answer within the attempt timeout",
+        "the guard's own answer for its attempt timeout"
+    );
+    assert_eq!(server.faults.calls(), 2);
+}
+
+#[tokio::test]
 async fn unavailable_is_not_retried_without_an_idempotency_key() {
     let server = HealthServer::start(Faults::unavailable_first(2)).await;
     let config = Guard {

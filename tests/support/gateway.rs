@@ -824,6 +824,7 @@ pub fn documented_problem_type(kind: FailureKind) -> &'static str {
         FailureKind::CircuitOpen => "urn:upstream-guard:problem:circuit-open",
         FailureKind::ConcurrencyLimited => "urn:upstream-guard:problem:concurrency-limited",
         FailureKind::RequestBody => "urn:upstream-guard:problem:request-body",
+        FailureKind::RequestBodyTimeout => "urn:upstream-guard:problem:request-body-timeout",
         _ => "unknown",
     }
 }
@@ -835,6 +836,7 @@ pub fn documented_status(kind: FailureKind) -> u16 {
         FailureKind::AttemptTimeout | FailureKind::DeadlineExceeded => 504,
         FailureKind::CircuitOpen | FailureKind::ConcurrencyLimited => 503,
         FailureKind::RequestBody => 400,
+        FailureKind::RequestBodyTimeout => 408,
         _ => 0,
     }
 }

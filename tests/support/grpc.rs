@@ -103,6 +103,10 @@ pub struct Faults {
     delay: Duration,
     /// Answer this many first calls with a trailers-only `UNAVAILABLE`.
     unavailable_first: usize,
+    /// Answer this many first calls with a trailers-only `DEADLINE_EXCEEDED`,
+    /// as a server does whose own deadline (from our `grpc-timeout`) fired
+    /// first.
+    deadline_exceeded_first: usize,
     calls: AtomicUsize,
     grpc_timeouts: Mutex<Vec<String>>,
 }
@@ -118,6 +122,13 @@ impl Faults {
     pub fn unavailable_first(n: usize) -> Faults {
         Faults {
             unavailable_first: n,
+            ..Faults::default()
+        }
+    }
+
+    pub fn deadline_exceeded_first(n: usize) -> Faults {
+        Faults {
+            deadline_exceeded_first: n,
             ..Faults::default()
         }
     }
@@ -237,7 +248,12 @@ where
             }
         }
         if call <= self.faults.unavailable_first {
-            return Box::pin(std::future::ready(Ok(trailers_only_unavailable())));
+            let response = trailers_only(Code::Unavailable, "warming up");
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        if call <= self.faults.deadline_exceeded_first {
+            let response = trailers_only(Code::DeadlineExceeded, "deadline exceeded");
+            return Box::pin(std::future::ready(Ok(response)));
         }
         let delay = self.faults.delay;
         let response = self.inner.call(request);
@@ -248,18 +264,15 @@ where
     }
 }
 
-/// A trailers-only gRPC response: HTTP 200 with `grpc-status: 14` in the headers.
-fn trailers_only_unavailable() -> http::Response<Body> {
+/// A trailers-only gRPC response: HTTP 200 with `grpc-status` in the headers.
+fn trailers_only(code: Code, message: &'static str) -> http::Response<Body> {
     let mut response = http::Response::new(Body::empty());
     let headers = response.headers_mut();
     headers.insert(
         "content-type",
         http::HeaderValue::from_static("application/grpc"),
     );
-    headers.insert(
-        "grpc-status",
-        http::HeaderValue::from(Code::Unavailable as i32),
-    );
-    headers.insert("grpc-message", http::HeaderValue::from_static("warming up"));
+    headers.insert("grpc-status", http::HeaderValue::from(code as i32));
+    headers.insert("grpc-message", http::HeaderValue::from_static(message));
     response
 }
