@@ -532,6 +532,80 @@ mod tests {
         assert_eq!(granted, 6);
     }
 
+    /// A budget over a 10 s window with its second 0 at `start`.
+    fn ten_second_budget(ratio: f64, min_per_second: u32, start: Instant) -> RetryBudget {
+        RetryBudget::starting_at(
+            BudgetConfig {
+                ratio,
+                min_per_second,
+                ttl: Duration::from_secs(10),
+            },
+            start,
+        )
+    }
+
+    #[test]
+    fn a_burst_after_a_quiet_spell_shorter_than_the_window_keeps_the_busy_deposits() {
+        let start = Instant::now();
+        let budget = ten_second_budget(0.2, 1, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        // Busy: 100 requests a second for three seconds, well after the first lap.
+        for second in 30..33 {
+            for _ in 0..100 {
+                budget.deposit(at(second));
+            }
+        }
+        // Quiet for four seconds, then an incident: every request wants a retry.
+        let granted = (0..1000).filter(|_| budget.withdraw(at(36))).count();
+        assert_eq!(granted, 300 / 5 + 10, "ratio × deposits + reserve");
+    }
+
+    #[test]
+    fn deposits_older_than_the_window_no_longer_count() {
+        let start = Instant::now();
+        let budget = ten_second_budget(1.0, 0, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        budget.deposit(at(5));
+        budget.deposit(at(5));
+        budget.deposit(at(6));
+        // Second 14's window is (4, 14]: all three deposits count.
+        assert!(budget.withdraw(at(14)));
+        // Second 15's window is (5, 15]: only second 6's deposit is left, and
+        // second 14's withdrawal still counts against it.
+        assert!(!budget.withdraw(at(15)));
+        // Second 16's window is (6, 16]: nothing was deposited in it.
+        assert!(!budget.withdraw(at(16)));
+    }
+
+    #[test]
+    fn reset_forgets_deposits_and_withdrawals() {
+        let budget = ten_second_budget(1.0, 1, Instant::now());
+        let now = Instant::now();
+        for _ in 0..5 {
+            budget.deposit(now);
+        }
+        let before = (0..100).filter(|_| budget.withdraw(now)).count();
+        assert_eq!(before, 15, "5 deposits + a reserve of 10");
+        budget.reset();
+        let after = (0..100).filter(|_| budget.withdraw(now)).count();
+        assert_eq!(after, 10, "only the reserve");
+    }
+
+    #[test]
+    fn a_deposit_read_a_lap_behind_a_newer_second_is_not_counted_there() {
+        let start = Instant::now();
+        let budget = ten_second_budget(1.0, 0, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        budget.deposit(at(12));
+        // A thread that read the clock ten seconds earlier hits the same slot.
+        budget.deposit(at(2));
+        assert!(budget.withdraw(at(12)));
+        assert!(
+            !budget.withdraw(at(12)),
+            "second 2's deposit is out of the window"
+        );
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -580,6 +654,95 @@ mod tests {
                     let allowed = (deposits as f64 * ratio) as u64
                         + u64::from(min_per_second) * ttl_secs;
                     prop_assert!(granted <= allowed, "granted {} > allowed {}", granted, allowed);
+                }
+            }
+        }
+
+        /// The budget's specification, written plainly: every deposit and granted
+        /// withdrawal with its second, and a withdrawal at second `s` is allowed iff
+        /// the granted withdrawals of `(s - len, s]`, plus this one, fit within
+        /// `floor(deposits of (s - len, s] × ratio) + reserve`.
+        struct Model {
+            len: u64,
+            ratio: f64,
+            reserve: u64,
+            deposits: Vec<u64>,
+            withdrawals: Vec<u64>,
+        }
+
+        impl Model {
+            fn in_window(&self, events: &[u64], second: u64) -> u64 {
+                events
+                    .iter()
+                    .filter(|&&t| t <= second && t + self.len > second)
+                    .count() as u64
+            }
+
+            #[allow(
+                clippy::int_plus_one,
+                reason = "written as the specification states it"
+            )]
+            fn withdraw(&mut self, second: u64) -> bool {
+                let deposits = self.in_window(&self.deposits, second);
+                let granted = self.in_window(&self.withdrawals, second);
+                let allowed = granted + 1 <= (deposits as f64 * self.ratio) as u64 + self.reserve;
+                if allowed {
+                    self.withdrawals.push(second);
+                }
+                allowed
+            }
+        }
+
+        /// Time between two operations: mostly within a second, sometimes a few
+        /// seconds, sometimes a quiet period longer than any window tested.
+        fn gap() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                8 => 0u64..300,
+                3 => 300u64..3_000,
+                1 => 3_000u64..40_000,
+            ]
+            .prop_map(Duration::from_millis)
+        }
+
+        proptest! {
+            #[test]
+            fn budget_grants_exactly_the_withdrawals_the_reference_model_allows(
+                ratio in 0.0f64..2.0,
+                min_per_second in 0u32..3,
+                ttl_secs in 1u64..13,
+                ops in proptest::collection::vec((gap(), proptest::bool::weighted(0.4)), 0..300),
+            ) {
+                let start = Instant::now();
+                let config = BudgetConfig {
+                    ratio,
+                    min_per_second,
+                    ttl: Duration::from_secs(ttl_secs),
+                };
+                let budget = RetryBudget::starting_at(config, start);
+                let mut model = Model {
+                    len: ttl_secs,
+                    ratio,
+                    reserve: u64::from(min_per_second) * ttl_secs,
+                    deposits: Vec::new(),
+                    withdrawals: Vec::new(),
+                };
+                let mut elapsed = Duration::ZERO;
+                for (i, (gap, deposit)) in ops.into_iter().enumerate() {
+                    elapsed += gap;
+                    let second = elapsed.as_secs();
+                    if deposit {
+                        budget.deposit(start + elapsed);
+                        model.deposits.push(second);
+                    } else {
+                        let expected = model.withdraw(second);
+                        prop_assert_eq!(
+                            budget.withdraw(start + elapsed),
+                            expected,
+                            "operation {} (a withdrawal at {:?})",
+                            i,
+                            elapsed
+                        );
+                    }
                 }
             }
         }
