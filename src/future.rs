@@ -241,7 +241,7 @@ where
         let info = Info::new(&parts);
         let budget = inbound_deadline(&shared, &info, &parts);
         if let Some(retry_budget) = &shared.budget {
-            retry_budget.deposit();
+            retry_budget.deposit(Instant::now());
         }
         let mut ctx = Ctx::new(shared, info, budget, &parts);
         ctx.target = ctx

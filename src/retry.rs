@@ -201,41 +201,54 @@ pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
     when.duration_since(now).ok()
 }
 
-/// How many stripes the budget spreads its deposit counter over, so that threads
+/// How many stripes the budget spreads its deposit counters over, so that threads
 /// depositing concurrently rarely write the same cache line.
 const STRIPES: usize = 8;
 
-/// Keeps two counters on separate cache lines.
+/// Rows of slot words: one per deposit stripe, then one for withdrawals. Withdrawals
+/// are rare (one per retry decision), so they share a single row.
+const ROWS: usize = STRIPES + 1;
+
+/// Slot words per cache line.
+const WORDS_PER_LINE: usize = 8;
+
+/// One cache line of slot words. Rows start on a line boundary, so two rows never
+/// share a line.
 #[repr(align(64))]
 #[derive(Default)]
-struct Padded(AtomicU64);
+struct Line([AtomicU64; WORDS_PER_LINE]);
 
-/// One second of budget history.
-struct Slot {
-    deposits: [Padded; STRIPES],
-    withdrawals: AtomicU64,
+/// A slot word packs the second it counts for (high 32 bits, seconds since the
+/// budget's start) with its count (low 32 bits), so that one CAS both checks that
+/// the slot is current and counts into it. The all-zero word reads as "second 0,
+/// count 0", which is as good as empty.
+fn pack(second: u32, count: u32) -> u64 {
+    (u64::from(second) << 32) | u64::from(count)
 }
 
-impl Slot {
-    fn new() -> Self {
-        Slot {
-            deposits: Default::default(),
-            withdrawals: AtomicU64::new(0),
-        }
-    }
+fn unpack(word: u64) -> (u32, u32) {
+    // Truncation is the point: the halves are the two packed fields.
+    ((word >> 32) as u32, word as u32)
+}
 
-    fn clear(&self) {
-        for d in &self.deposits {
-            d.0.store(0, Ordering::Relaxed);
-        }
-        self.withdrawals.store(0, Ordering::Relaxed);
-    }
+/// What a slot word looks like to a writer at a given second.
+enum SlotAge {
+    /// Counts for the writer's second: add to it.
+    Current(u32),
+    /// Counts for a second that has left the writer's window: reclaim it.
+    Stale,
+    /// Counts for a second later than the writer's (the writer read the clock a lap
+    /// or more before another thread did): the writer's count would already be
+    /// outside the window, so it is not recorded.
+    Newer,
+}
 
-    fn deposits(&self) -> u64 {
-        self.deposits
-            .iter()
-            .map(|d| d.0.load(Ordering::Relaxed))
-            .sum()
+fn age(word: u64, second: u32) -> SlotAge {
+    let (held, count) = unpack(word);
+    match held.cmp(&second) {
+        std::cmp::Ordering::Equal => SlotAge::Current(count),
+        std::cmp::Ordering::Less => SlotAge::Stale,
+        std::cmp::Ordering::Greater => SlotAge::Newer,
     }
 }
 
@@ -257,87 +270,175 @@ fn stripe() -> usize {
     })
 }
 
-/// A lock-free retry budget over a sliding window of one-second slots.
+/// A lock-free retry budget over a window of `len` one-second slots that slides
+/// with real time: a withdrawal at second `s` (since the budget's start) counts the
+/// deposits and withdrawals of seconds `(s - len, s]`, however long the budget sat
+/// idle before.
 ///
-/// Deposits happen on every request and must be cheap: one relaxed load of the
-/// current slot index and one relaxed add on a per-thread stripe, with no clock
-/// read. Time only moves forward when someone reads the clock anyway (a retry
-/// decision), which then clears the slots that fell out of the window. Withdrawals
-/// reserve first and check after, so concurrent withdrawals can never overspend.
+/// Every slot word carries the second it counts for (see `pack`), so nothing has
+/// to sweep expired slots: a word whose second left the window reads as empty, and
+/// the first writer of a new second reclaims it with the same CAS that counts.
+/// Deposits happen on every request and must be cheap: one CAS on a word of a
+/// per-thread stripe, on a cache line no other stripe writes. Withdrawals reserve
+/// first and check after, with sequentially consistent reservation and reads, so
+/// concurrent withdrawals can never overspend (at worst two racing for the last
+/// token both fail). No call locks or allocates.
+///
+/// Memory is laid out stripe-major: each row (8 deposit stripes, then one
+/// withdrawal row) holds its `len` slot words contiguously, padded to whole
+/// 64-byte cache lines. A budget thus takes `9 × ⌈len / 8⌉ × 64` bytes of slots
+/// plus a 56-byte header: 1,208 bytes for the default 10 s window (about 1.2 MB
+/// for the default 1,024 per-key budgets), 4,664 bytes for the longest, 60 s.
+///
+/// Seconds are counted in 32 bits and counts saturate at `u32::MAX` per stripe
+/// per second; neither limit is reachable in practice (136 years, 4 billion
+/// requests per second per stripe).
 pub(crate) struct RetryBudget {
     ratio: f64,
     reserve: u64,
     start: Instant,
-    /// The newest second (since `start`) that any caller has observed.
-    current: AtomicU64,
-    slots: Box<[Slot]>,
+    /// The window length in seconds, also the number of slots per row (1 to 60).
+    len: usize,
+    /// `ROWS` rows of `⌈len / 8⌉` lines each.
+    lines: Box<[Line]>,
 }
 
 impl RetryBudget {
     pub(crate) fn new(config: BudgetConfig) -> Self {
+        RetryBudget::starting_at(config, Instant::now())
+    }
+
+    /// A budget whose second 0 begins at `start` (tests pin it to know which
+    /// second an instant falls in).
+    fn starting_at(config: BudgetConfig, start: Instant) -> Self {
         let seconds = config.ttl.as_secs().clamp(1, 60);
-        let slots = (0..seconds).map(|_| Slot::new()).collect::<Vec<_>>();
+        // At most 60, so the cast is lossless.
+        let len = seconds as usize;
+        let lines = (0..ROWS * len.div_ceil(WORDS_PER_LINE))
+            .map(|_| Line::default())
+            .collect::<Vec<_>>();
         RetryBudget {
             ratio: config.ratio,
             reserve: u64::from(config.min_per_second) * seconds,
-            start: Instant::now(),
-            current: AtomicU64::new(0),
-            slots: slots.into_boxed_slice(),
+            start,
+            len,
+            lines: lines.into_boxed_slice(),
         }
     }
 
-    fn slot(&self, second: u64) -> &Slot {
-        // `slots` is never empty (at least one second), so the index is in range.
-        &self.slots[(second % self.slots.len() as u64) as usize]
-    }
-
-    /// Records one request.
-    pub(crate) fn deposit(&self) {
-        let second = self.current.load(Ordering::Relaxed);
-        self.slot(second).deposits[stripe()]
-            .0
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Moves the window forward to `now`, clearing slots that expired.
-    fn advance(&self, now: Instant) {
-        let second = now.saturating_duration_since(self.start).as_secs();
-        let mut seen = self.current.load(Ordering::Relaxed);
-        while second > seen {
-            match self
-                .current
-                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    // We own the move from `seen` to `second`: clear the slots in
-                    // between (at most one full lap).
-                    let len = self.slots.len() as u64;
-                    for s in (seen + 1)..=second.min(seen + len) {
-                        self.slot(s).clear();
-                    }
-                    return;
-                }
-                Err(actual) => seen = actual,
-            }
+    /// Forgets every deposit and withdrawal, as if the budget were new.
+    // Used once per-key budgets exist: a registry slot handed to a new key must
+    // not inherit the old key's history.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn reset(&self) {
+        for word in self.lines.iter().flat_map(|line| &line.0) {
+            word.store(0, Ordering::SeqCst);
         }
     }
 
-    /// Tries to take one retry out of the budget.
+    /// Records one request seen at `now`.
+    pub(crate) fn deposit(&self, now: Instant) {
+        let second = self.second(now);
+        // Relaxed: deposits only ever make a withdrawal more permissive, and a
+        // withdrawal that misses one in flight is no worse than one that ran first.
+        count(self.word(stripe(), second), second, Ordering::Relaxed);
+    }
+
+    /// Tries to take one retry out of the budget at `now`.
     pub(crate) fn withdraw(&self, now: Instant) -> bool {
-        self.advance(now);
-        let current = self.slot(self.current.load(Ordering::Relaxed));
+        let second = self.second(now);
+        let reservation = self.word(STRIPES, second);
         // Reserve first, then check: two racing withdrawals cannot both succeed on
-        // the last token (at worst both fail).
-        current.withdrawals.fetch_add(1, Ordering::AcqRel);
-        let (deposits, withdrawals) = self.slots.iter().fold((0u64, 0u64), |(d, w), s| {
-            (d + s.deposits(), w + s.withdrawals.load(Ordering::Acquire))
-        });
+        // the last token (at worst both fail). SeqCst orders every reservation
+        // before every later sum, even across different slot words.
+        if !count(reservation, second, Ordering::SeqCst) {
+            return false;
+        }
+        let (deposits, withdrawals) = self.sums(second);
         let allowed = (deposits as f64 * self.ratio) as u64 + self.reserve;
         if withdrawals <= allowed {
             true
         } else {
-            current.withdrawals.fetch_sub(1, Ordering::AcqRel);
+            uncount(reservation, second);
             false
+        }
+    }
+
+    /// The second since `start` that `now` falls in.
+    fn second(&self, now: Instant) -> u32 {
+        let secs = now.saturating_duration_since(self.start).as_secs();
+        u32::try_from(secs).unwrap_or(u32::MAX)
+    }
+
+    /// The word of `row` that counts for `second`.
+    fn word(&self, row: usize, second: u32) -> &AtomicU64 {
+        let index = row * self.lines_per_row() * WORDS_PER_LINE + second as usize % self.len;
+        // `row < ROWS` and the slot index is below `len`, so the word is in range.
+        &self.lines[index / WORDS_PER_LINE].0[index % WORDS_PER_LINE]
+    }
+
+    fn lines_per_row(&self) -> usize {
+        self.len.div_ceil(WORDS_PER_LINE)
+    }
+
+    /// Deposits and withdrawals (reservations included) of the window ending at
+    /// `second`.
+    fn sums(&self, second: u32) -> (u64, u64) {
+        let mut rows = self.lines.chunks_exact(self.lines_per_row());
+        let deposits = rows
+            .by_ref()
+            .take(STRIPES)
+            .map(|row| self.windowed(row, second))
+            .sum();
+        let withdrawals = rows.map(|row| self.windowed(row, second)).sum();
+        (deposits, withdrawals)
+    }
+
+    /// The counts of one row for seconds `(second - len, second]`.
+    fn windowed(&self, row: &[Line], second: u32) -> u64 {
+        let oldest = u64::from(second) + 1;
+        let len = self.len as u64;
+        row.iter()
+            .flat_map(|line| &line.0)
+            .take(self.len)
+            .map(|word| unpack(word.load(Ordering::SeqCst)))
+            .filter(|&(held, _)| held <= second && u64::from(held) + len >= oldest)
+            .map(|(_, count)| u64::from(count))
+            .sum()
+    }
+}
+
+/// Adds one to `word` for `second`, reclaiming it if it holds an expired
+/// second. Returns whether the count was recorded (not when the word already
+/// holds a later second).
+fn count(word: &AtomicU64, second: u32, order: Ordering) -> bool {
+    let mut seen = word.load(order);
+    loop {
+        let next = match age(seen, second) {
+            SlotAge::Current(count) => pack(second, count.saturating_add(1)),
+            SlotAge::Stale => pack(second, 1),
+            SlotAge::Newer => return false,
+        };
+        match word.compare_exchange_weak(seen, next, order, order) {
+            Ok(_) => return true,
+            Err(actual) => seen = actual,
+        }
+    }
+}
+
+/// Takes back a reservation made for `second`, unless the word has since moved
+/// on to another second (then the reservation has left the window anyway).
+fn uncount(word: &AtomicU64, second: u32) {
+    let mut seen = word.load(Ordering::SeqCst);
+    while let SlotAge::Current(count @ 1..) = age(seen, second) {
+        match word.compare_exchange_weak(
+            seen,
+            pack(second, count - 1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => return,
+            Err(actual) => seen = actual,
         }
     }
 }
@@ -414,7 +515,7 @@ mod tests {
         });
         let now = Instant::now();
         for _ in 0..100 {
-            budget.deposit();
+            budget.deposit(now);
         }
         let granted = (0..100).filter(|_| budget.withdraw(now)).count();
         assert_eq!(granted, 25);
@@ -429,6 +530,80 @@ mod tests {
         });
         let granted = (0..100).filter(|_| budget.withdraw(Instant::now())).count();
         assert_eq!(granted, 6);
+    }
+
+    /// A budget over a 10 s window with its second 0 at `start`.
+    fn ten_second_budget(ratio: f64, min_per_second: u32, start: Instant) -> RetryBudget {
+        RetryBudget::starting_at(
+            BudgetConfig {
+                ratio,
+                min_per_second,
+                ttl: Duration::from_secs(10),
+            },
+            start,
+        )
+    }
+
+    #[test]
+    fn a_burst_after_a_quiet_spell_shorter_than_the_window_keeps_the_busy_deposits() {
+        let start = Instant::now();
+        let budget = ten_second_budget(0.2, 1, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        // Busy: 100 requests a second for three seconds, well after the first lap.
+        for second in 30..33 {
+            for _ in 0..100 {
+                budget.deposit(at(second));
+            }
+        }
+        // Quiet for four seconds, then an incident: every request wants a retry.
+        let granted = (0..1000).filter(|_| budget.withdraw(at(36))).count();
+        assert_eq!(granted, 300 / 5 + 10, "ratio × deposits + reserve");
+    }
+
+    #[test]
+    fn deposits_older_than_the_window_no_longer_count() {
+        let start = Instant::now();
+        let budget = ten_second_budget(1.0, 0, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        budget.deposit(at(5));
+        budget.deposit(at(5));
+        budget.deposit(at(6));
+        // Second 14's window is (4, 14]: all three deposits count.
+        assert!(budget.withdraw(at(14)));
+        // Second 15's window is (5, 15]: only second 6's deposit is left, and
+        // second 14's withdrawal still counts against it.
+        assert!(!budget.withdraw(at(15)));
+        // Second 16's window is (6, 16]: nothing was deposited in it.
+        assert!(!budget.withdraw(at(16)));
+    }
+
+    #[test]
+    fn reset_forgets_deposits_and_withdrawals() {
+        let budget = ten_second_budget(1.0, 1, Instant::now());
+        let now = Instant::now();
+        for _ in 0..5 {
+            budget.deposit(now);
+        }
+        let before = (0..100).filter(|_| budget.withdraw(now)).count();
+        assert_eq!(before, 15, "5 deposits + a reserve of 10");
+        budget.reset();
+        let after = (0..100).filter(|_| budget.withdraw(now)).count();
+        assert_eq!(after, 10, "only the reserve");
+    }
+
+    #[test]
+    fn a_deposit_read_a_lap_behind_a_newer_second_is_not_counted_there() {
+        let start = Instant::now();
+        let budget = ten_second_budget(1.0, 0, start);
+        let at = |secs| start + Duration::from_secs(secs);
+        budget.deposit(at(12));
+        // A thread that read the clock ten seconds earlier hits the same slot.
+        budget.deposit(at(2));
+        assert!(budget.withdraw(at(12)));
+        assert!(
+            !budget.withdraw(at(12)),
+            "second 2's deposit is out of the window"
+        );
     }
 
     mod properties {
@@ -471,7 +646,7 @@ mod tests {
                 let (mut deposits, mut granted) = (0u64, 0u64);
                 for deposit in ops {
                     if deposit {
-                        budget.deposit();
+                        budget.deposit(now);
                         deposits += 1;
                     } else if budget.withdraw(now) {
                         granted += 1;
@@ -479,6 +654,95 @@ mod tests {
                     let allowed = (deposits as f64 * ratio) as u64
                         + u64::from(min_per_second) * ttl_secs;
                     prop_assert!(granted <= allowed, "granted {} > allowed {}", granted, allowed);
+                }
+            }
+        }
+
+        /// The budget's specification, written plainly: every deposit and granted
+        /// withdrawal with its second, and a withdrawal at second `s` is allowed iff
+        /// the granted withdrawals of `(s - len, s]`, plus this one, fit within
+        /// `floor(deposits of (s - len, s] × ratio) + reserve`.
+        struct Model {
+            len: u64,
+            ratio: f64,
+            reserve: u64,
+            deposits: Vec<u64>,
+            withdrawals: Vec<u64>,
+        }
+
+        impl Model {
+            fn in_window(&self, events: &[u64], second: u64) -> u64 {
+                events
+                    .iter()
+                    .filter(|&&t| t <= second && t + self.len > second)
+                    .count() as u64
+            }
+
+            #[allow(
+                clippy::int_plus_one,
+                reason = "written as the specification states it"
+            )]
+            fn withdraw(&mut self, second: u64) -> bool {
+                let deposits = self.in_window(&self.deposits, second);
+                let granted = self.in_window(&self.withdrawals, second);
+                let allowed = granted + 1 <= (deposits as f64 * self.ratio) as u64 + self.reserve;
+                if allowed {
+                    self.withdrawals.push(second);
+                }
+                allowed
+            }
+        }
+
+        /// Time between two operations: mostly within a second, sometimes a few
+        /// seconds, sometimes a quiet period longer than any window tested.
+        fn gap() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                8 => 0u64..300,
+                3 => 300u64..3_000,
+                1 => 3_000u64..40_000,
+            ]
+            .prop_map(Duration::from_millis)
+        }
+
+        proptest! {
+            #[test]
+            fn budget_grants_exactly_the_withdrawals_the_reference_model_allows(
+                ratio in 0.0f64..2.0,
+                min_per_second in 0u32..3,
+                ttl_secs in 1u64..13,
+                ops in proptest::collection::vec((gap(), proptest::bool::weighted(0.4)), 0..300),
+            ) {
+                let start = Instant::now();
+                let config = BudgetConfig {
+                    ratio,
+                    min_per_second,
+                    ttl: Duration::from_secs(ttl_secs),
+                };
+                let budget = RetryBudget::starting_at(config, start);
+                let mut model = Model {
+                    len: ttl_secs,
+                    ratio,
+                    reserve: u64::from(min_per_second) * ttl_secs,
+                    deposits: Vec::new(),
+                    withdrawals: Vec::new(),
+                };
+                let mut elapsed = Duration::ZERO;
+                for (i, (gap, deposit)) in ops.into_iter().enumerate() {
+                    elapsed += gap;
+                    let second = elapsed.as_secs();
+                    if deposit {
+                        budget.deposit(start + elapsed);
+                        model.deposits.push(second);
+                    } else {
+                        let expected = model.withdraw(second);
+                        prop_assert_eq!(
+                            budget.withdraw(start + elapsed),
+                            expected,
+                            "operation {} (a withdrawal at {:?})",
+                            i,
+                            elapsed
+                        );
+                    }
                 }
             }
         }
@@ -509,14 +773,14 @@ mod tests {
                 ttl: Duration::from_secs(2),
             });
             for _ in 0..10 {
-                budget.deposit();
+                budget.deposit(Instant::now());
             }
             tokio::time::advance(Duration::from_secs(5)).await;
             assert!(
                 !budget.withdraw(Instant::now()),
                 "deposits 5 s old are gone"
             );
-            budget.deposit();
+            budget.deposit(Instant::now());
             assert!(budget.withdraw(Instant::now()));
             assert!(!budget.withdraw(Instant::now()));
         }
