@@ -240,9 +240,6 @@ where
         let (parts, body) = request.into_parts();
         let info = Info::new(&parts);
         let budget = inbound_deadline(&shared, &info, &parts);
-        if let Some(retry_budget) = &shared.budget {
-            retry_budget.deposit(Instant::now());
-        }
         let mut ctx = Ctx::new(shared, info, budget, &parts);
         ctx.target = ctx
             .shared
@@ -465,6 +462,17 @@ where
     /// `head` is the request head when it will not be kept otherwise: a
     /// rejection then keeps what its event and error body name.
     fn admit(&mut self, head: Option<&Parts>) -> Option<Rejection> {
+        let rejection = self.admit_to_breaker(head);
+        if rejection.is_none() {
+            // A request that goes to the upstream pays into its retry budget.
+            if let Some(budget) = self.shared.budget.as_ref().and_then(|b| b.of(self.target)) {
+                budget.deposit(Instant::now());
+            }
+        }
+        rejection
+    }
+
+    fn admit_to_breaker(&mut self, head: Option<&Parts>) -> Option<Rejection> {
         let breakers = self.shared.breakers.as_ref()?;
         let target = self.target?;
         let (admit, transition, state) = breakers.admit(target);
@@ -929,8 +937,9 @@ where
         if later(now, backoff) >= deadline {
             return Err(RetryDenied::Deadline);
         }
-        if let Some(budget) = &self.shared.budget {
-            if !budget.withdraw(now) {
+        if let Some(budgets) = &self.shared.budget {
+            // This upstream's own budget: what its own traffic paid in.
+            if !budgets.of(self.target).is_some_and(|b| b.withdraw(now)) {
                 return Err(RetryDenied::Budget);
             }
         }

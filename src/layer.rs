@@ -9,10 +9,11 @@ use http::Response;
 use tower_layer::Layer;
 
 use crate::breaker::{BreakerHandle, Breakers, CircuitBreaker};
+use crate::budgets::Budgets;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::failure::GuardFailure;
 use crate::observe::{NoopObserver, Observer};
-use crate::retry::{Retry, RetryBudget};
+use crate::retry::Retry;
 use crate::service::UpstreamGuard;
 
 use crate::response::FailureHook;
@@ -30,7 +31,7 @@ pub(crate) struct Shared {
     pub(crate) classifier: Box<dyn Classify>,
     pub(crate) observer: Box<dyn Observer>,
     pub(crate) failure_hook: Option<Box<FailureHook>>,
-    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) budget: Option<Budgets>,
     pub(crate) breakers: Option<Breakers>,
 }
 
@@ -304,7 +305,11 @@ impl Builder {
     }
 
     fn build_unchecked(self) -> UpstreamGuardLayer {
-        let budget = self.retry.budget.map(RetryBudget::new);
+        let keys = self
+            .circuit_breaker
+            .as_ref()
+            .map_or(0, CircuitBreaker::keyed_capacity);
+        let budget = self.retry.budget.map(|config| Budgets::new(config, keys));
         let breakers = self.circuit_breaker.as_ref().map(Breakers::new);
         UpstreamGuardLayer {
             shared: Arc::new(Shared {

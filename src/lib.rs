@@ -84,6 +84,7 @@
 //! | circuit open | 503 + `Retry-After` | `urn:upstream-guard:problem:circuit-open` |
 //! | concurrency cap reached | 503 | `urn:upstream-guard:problem:concurrency-limited` |
 //! | the caller's own request body failed | 400 | `urn:upstream-guard:problem:request-body` |
+//! | the caller's request body did not arrive in time | 408 | `urn:upstream-guard:problem:request-body-timeout` |
 //! | upstream answered 5xx, retries spent | the upstream's own response | — |
 //!
 //! Every synthesized response has `Cache-Control: no-store`, a correct
@@ -91,9 +92,10 @@
 //! The inner error's text is left out unless
 //! [`expose_error_details`](Builder::expose_error_details) is on. gRPC requests
 //! (`content-type: application/grpc*`) get HTTP 200 with `grpc-status` 14
-//! (`UNAVAILABLE`) for 502/503 or 4 (`DEADLINE_EXCEEDED`) for 504.
+//! (`UNAVAILABLE`) for 502/503 or 4 (`DEADLINE_EXCEEDED`) for 504 and 408.
 //! [`map_failure_response`](Builder::map_failure_response) can change or replace
-//! any synthesized response.
+//! any synthesized response; `Content-Length` and the `HEAD` rule are applied
+//! after it.
 //!
 //! # Defaults, and why
 //!
@@ -118,10 +120,40 @@
 //! headers; the whole request, with all attempts and backoff sleeps, may take
 //! [`deadline`](Builder::deadline). No backoff sleeps past the deadline. An
 //! inbound `grpc-timeout` shortens the deadline, and each attempt tells a gRPC
-//! upstream what is left in its own `grpc-timeout`. The clock starts once a body
-//! to replay has been read (as in Envoy), or at once for gRPC. A
+//! upstream what is left in its own `grpc-timeout`; a gRPC upstream that answers
+//! `DEADLINE_EXCEEDED` is taken for the guard's own timer firing there (retried,
+//! and answered, as that timeout). The clock starts the first time the guard has
+//! to wait — for a body to replay, or for an attempt — or at once for gRPC, whose
+//! caller counts from when it sent the request. A
 //! [`body_idle_timeout`](Builder::body_idle_timeout) bounds a response body that
 //! stalls after its headers.
+//!
+//! # Who pays for a failure
+//!
+//! A breaker that callers can open, or a probe a caller can sit on, would let
+//! one client take an upstream away from every other. So:
+//!
+//! - **Only the upstream's own failures count against its breaker**: the guard's
+//!   attempt timer expired (or the configured deadline cut an attempt short), or
+//!   the upstream refused, reset, answered garbage or a failure status. A
+//!   deadline the caller chose (an inbound `grpc-timeout` shorter than the
+//!   configured deadline), the caller's body breaking (400) or stalling (408),
+//!   and the caller going away never count.
+//! - **A slow client holds nothing that others need.** The request is admitted
+//!   to its breaker (a half-open probe) and to the concurrency cap only when its
+//!   first attempt is about to be sent. A body read for replay is read before
+//!   that, within the deadline: a body that has not arrived by then is answered
+//!   `408 Request Timeout` and never reaches the upstream. A streamed body that
+//!   is still arriving when an attempt's time runs out is also the caller's
+//!   doing: `408`, not counted.
+//! - **The concurrency cap bounds the upstream's work, not just its headers.** A
+//!   permit travels with the response body and is given back when the body ends,
+//!   fails, idles out ([`body_idle_timeout`](Builder::body_idle_timeout)) or is
+//!   dropped: a streamed response keeps its permit while it streams.
+//! - **Retries are paid for per upstream.** With a keyed breaker each key has its
+//!   own retry budget (bounded like the breakers), so a failing upstream spends
+//!   only what its own traffic paid in, and the window slides with real time: a
+//!   quiet spell forgets only deposits older than the window.
 //!
 //! # Observability
 //!
@@ -154,6 +186,7 @@
 
 mod body;
 mod breaker;
+mod budgets;
 mod bulkhead;
 mod classify;
 #[cfg(feature = "serde")]

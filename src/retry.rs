@@ -327,9 +327,8 @@ impl RetryBudget {
     }
 
     /// Forgets every deposit and withdrawal, as if the budget were new.
-    // Used once per-key budgets exist: a registry slot handed to a new key must
-    // not inherit the old key's history.
-    #[cfg_attr(not(test), allow(dead_code))]
+    // A registry slot handed to a new key must not inherit the old key's
+    // history (see `crate::budgets`).
     pub(crate) fn reset(&self) {
         for word in self.lines.iter().flat_map(|line| &line.0) {
             word.store(0, Ordering::SeqCst);

@@ -453,3 +453,68 @@ async fn a_head_failure_has_no_body_even_when_the_hook_sets_one() {
         .to_bytes();
     assert!(body.is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// 3. Retries are paid for per upstream, over a window that slides
+// ---------------------------------------------------------------------------
+
+/// Sends `n` GETs to `path` with breaker key `key`, one after the other.
+async fn traffic(gateway: &Gateway, key: &str, path: &str, n: usize) {
+    for _ in 0..n {
+        let request = Request::get(gateway.url(path))
+            .header(gateway::KEY_HEADER, key)
+            .body(Full::default())
+            .expect("a valid request");
+        send(request).await;
+    }
+}
+
+/// A guard retrying 503s once, with a budget of `ratio` and no per-second
+/// reserve, and one breaker (that never opens) per `x-chaos-key`.
+fn budgeted(ratio: f64, window: Duration) -> Builder {
+    UpstreamGuardLayer::builder()
+        .retry(
+            Retry::default()
+                .max_attempts(2)
+                .backoff(Duration::from_millis(1), Duration::from_millis(2))
+                .budget(ratio, 0)
+                .budget_window(window),
+        )
+        .circuit_breaker(
+            CircuitBreaker::consecutive_failures(1_000_000)
+                .per_key(|parts| parts.headers.get(gateway::KEY_HEADER)?.to_str().ok()),
+        )
+}
+
+#[tokio::test]
+async fn a_failing_upstream_cannot_spend_the_retry_budget_others_paid_for() {
+    let (upstream, gateway) = start(budgeted(0.2, Duration::from_secs(60))).await;
+
+    traffic(&gateway, "healthy", "/ok", 100).await;
+    traffic(&gateway, "failing", "/status/503", 20).await;
+
+    // 20 first attempts; retries at most 20 % of the failing key's own 20
+    // requests (4). One shared budget would have granted all 20.
+    let sent = upstream.count("/status/503");
+    assert!(sent <= 24, "{sent} requests reached the failing upstream");
+    assert!(
+        sent >= 21,
+        "its own deposits still pay for some retries: {sent}"
+    );
+}
+
+#[tokio::test]
+async fn deposits_survive_a_spell_without_retries() {
+    // Steady healthy traffic for 3 s with no retry (nobody reads the budget's
+    // clock), then a burst of failures: the last 2 s of deposits still count.
+    let (upstream, gateway) = start(budgeted(0.5, Duration::from_secs(2))).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        traffic(&gateway, "one", "/ok", 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    traffic(&gateway, "one", "/status/503", 10).await;
+
+    let retries = upstream.count("/status/503") - 10;
+    assert_eq!(retries, 10, "each failure retried once");
+}

@@ -243,6 +243,15 @@ impl CircuitBreaker {
             .unwrap_or(DEFAULT_MAX_OPEN_FOR.max(self.open_for))
     }
 
+    /// How many keyed breakers there can be: `max_keys`, or 0 for a single
+    /// breaker. Per-key state kept elsewhere (retry budgets) is sized by it.
+    pub(crate) fn keyed_capacity(&self) -> usize {
+        match self.keying {
+            Keying::Single => 0,
+            _ => self.max_keys,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let rate_ok = |r: Option<f64>| r.is_none_or(|r| r.is_finite() && r > 0.0 && r <= 1.0);
         if !rate_ok(self.failure_rate) {

@@ -1,0 +1,172 @@
+//! Retry budgets, one per upstream.
+//!
+//! A budget shared by a whole layer lets one failing upstream of a proxy spend
+//! the retries that the traffic to every other upstream paid for. So when the
+//! circuit breaker is keyed, each breaker key gets its own [`RetryBudget`],
+//! held beside the breaker's registry slot and bounded the same way: one per
+//! slot, allocated in chunks on first use, reset when the slot is given to a
+//! new key. Requests without a key (and guards with a single breaker, or none)
+//! share one budget.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use crate::breaker::Target;
+use crate::retry::{BudgetConfig, RetryBudget};
+
+/// How many budgets are allocated at once, as the registry allocates breakers.
+const CHUNK: usize = 64;
+
+/// The retry budgets of one guard.
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    config: BudgetConfig,
+    /// For requests without a key.
+    shared: RetryBudget,
+    /// One per registry slot; empty without keyed breakers.
+    keyed: Box<[OnceLock<Box<[Slot]>>]>,
+}
+
+/// A keyed budget and the registry generation it belongs to.
+#[derive(Debug)]
+struct Slot {
+    generation: AtomicU64,
+    budget: RetryBudget,
+}
+
+impl Budgets {
+    /// Budgets for `keys` breaker keys (`0`: one budget for everything).
+    pub(crate) fn new(config: BudgetConfig, keys: usize) -> Budgets {
+        Budgets {
+            config,
+            shared: RetryBudget::new(config),
+            keyed: (0..keys.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The budget of the breaker `target` (the shared one without breakers).
+    ///
+    /// `None` for a request whose registry slot was given to another key since
+    /// it was admitted: it neither pays into nor draws from the new key's budget.
+    pub(crate) fn of(&self, target: Option<Target>) -> Option<&RetryBudget> {
+        let (index, generation) = match target {
+            Some(Target::Keyed { index, generation }) => (index as usize, generation),
+            _ => return Some(&self.shared),
+        };
+        let Some(chunk) = self.keyed.get(index / CHUNK) else {
+            return Some(&self.shared);
+        };
+        let slot = chunk
+            .get_or_init(|| (0..CHUNK).map(|_| Slot::new(self.config)).collect())
+            .get(index % CHUNK)?;
+        slot.for_generation(generation).then_some(&slot.budget)
+    }
+}
+
+impl Slot {
+    fn new(config: BudgetConfig) -> Slot {
+        Slot {
+            generation: AtomicU64::new(0),
+            budget: RetryBudget::new(config),
+        }
+    }
+
+    /// Makes the slot belong to `generation` if that is newer (a new key took
+    /// the registry slot: its budget starts empty); whether it belongs to it.
+    /// Generations only grow, so a straggler of an older key never resets the
+    /// budget of the key that replaced it.
+    fn for_generation(&self, generation: u64) -> bool {
+        let mut current = self.generation.load(Ordering::Acquire);
+        loop {
+            if current == generation {
+                return true;
+            }
+            if current > generation {
+                return false;
+            }
+            match self.generation.compare_exchange(
+                current,
+                generation,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.budget.reset();
+                    return true;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    fn config() -> BudgetConfig {
+        BudgetConfig {
+            ratio: 0.2,
+            min_per_second: 0,
+            ttl: Duration::from_secs(10),
+        }
+    }
+
+    fn key(index: u32, generation: u64) -> Option<Target> {
+        Some(Target::Keyed { index, generation })
+    }
+
+    /// Withdrawals granted from `budget` out of `n` tries.
+    fn granted(budget: &RetryBudget, n: usize, now: Instant) -> usize {
+        (0..n).filter(|_| budget.withdraw(now)).count()
+    }
+
+    #[test]
+    fn a_failing_key_cannot_spend_what_other_keys_paid_in() {
+        let budgets = Budgets::new(config(), 8);
+        let now = Instant::now();
+        for _ in 0..1000 {
+            budgets.of(key(0, 0)).unwrap().deposit(now);
+        }
+        budgets.of(key(1, 0)).unwrap().deposit(now);
+        assert_eq!(granted(budgets.of(key(1, 0)).unwrap(), 100, now), 0);
+        assert_eq!(granted(budgets.of(key(0, 0)).unwrap(), 500, now), 200);
+    }
+
+    #[test]
+    fn a_slot_given_to_a_new_key_starts_with_an_empty_budget() {
+        let budgets = Budgets::new(config(), 8);
+        let now = Instant::now();
+        for _ in 0..100 {
+            budgets.of(key(3, 0)).unwrap().deposit(now);
+        }
+        let new_key = budgets.of(key(3, 1)).unwrap();
+        assert_eq!(granted(new_key, 10, now), 0);
+    }
+
+    #[test]
+    fn a_straggler_of_the_old_key_gets_no_budget_and_resets_nothing() {
+        let budgets = Budgets::new(config(), 8);
+        let now = Instant::now();
+        for _ in 0..100 {
+            budgets.of(key(3, 1)).unwrap().deposit(now);
+        }
+        assert!(budgets.of(key(3, 0)).is_none());
+        assert_eq!(granted(budgets.of(key(3, 1)).unwrap(), 50, now), 20);
+    }
+
+    #[test]
+    fn requests_without_a_key_share_one_budget() {
+        let budgets = Budgets::new(config(), 0);
+        let now = Instant::now();
+        for _ in 0..10 {
+            budgets.of(None).unwrap().deposit(now);
+        }
+        assert_eq!(
+            granted(budgets.of(Some(Target::Default)).unwrap(), 10, now),
+            2
+        );
+    }
+}
