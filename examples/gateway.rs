@@ -17,19 +17,27 @@
 //! guarded gateway in front of it (both on `127.0.0.1`), then sends a few hundred
 //! requests through the gateway over real HTTP, spread over about eight seconds:
 //!
-//! | scenario    | upstream behaviour                   | what the guard does                |
-//! |-------------|--------------------------------------|------------------------------------|
-//! | `healthy`   | `/ok` answers at once                | passes the response through        |
-//! | `slow`      | `/slow/{ms}`, below the timeout      | passes the response through        |
-//! | `hanging`   | `/hang` never answers                | `504` when time runs out           |
-//! | `resetting` | `/reset` resets the connection       | retries, `502`, then opens: `503`  |
-//! | `down`      | nothing listens, until it recovers   | `502`, opens: `503`, probes, closes|
-//! | `flaky`     | `/flaky/2/{key}`: two 503s, then 200 | retries until the 200 arrives      |
+//! | scenario    | upstream behaviour                   | what the guard does                         |
+//! |-------------|--------------------------------------|---------------------------------------------|
+//! | `healthy`   | `/ok` answers at once                | passes every `200` through                  |
+//! | `slow`      | `/slow/{ms}`, below the timeout      | passes every `200` through                  |
+//! | `hanging`   | `/hang` never answers                | `504` when time runs out; opens: `503`      |
+//! | `resetting` | `/reset` resets the connection       | retries, `502`; opens: `503`                |
+//! | `down`      | refused until halfway, then `200`    | `502`; opens: `503`; probes, closes: `200`  |
+//! | `flaky`     | `/flaky/2/{key}`: two 503s, then 200 | retries until the `200` arrives             |
 //!
-//! It prints one row per scenario (responses per status, attempts per request,
-//! p50/p99 latency), then the circuit breakers' timeline: the `down` upstream
-//! starts listening halfway through, and its breaker goes closed → open →
+//! It prints one row per scenario (responses per status, the guard's problem
+//! types, attempts per request, p50/p99 latency), then the circuit breakers'
+//! timeline: the `down` upstream starts listening halfway through (on the very
+//! port that refused until then), and its breaker goes closed → open →
 //! half-open → … → closed. It exits after about ten seconds.
+//!
+//! The report is meant for people, but it is also read by `tests/gateway_demo.rs`,
+//! which checks the story above. Its cells are separated by at least two spaces
+//! and never hold two spaces in a row (nor are they empty), so a line splits into
+//! its cells on runs of two or more spaces: a scenario row into its eight
+//! columns, with responses written `STATUS×COUNT` (`err×N`: no answer), and a
+//! timeline line into time, breaker and event (`FROM → TO …`).
 //!
 //! # Proxy mode
 //!
@@ -76,7 +84,7 @@ use upstream_guard::{
     Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard, UpstreamGuardLayer,
 };
 
-use crate::upstream::Upstream;
+use crate::upstream::{ReservedPort, Upstream};
 
 // ---------------------------------------------------------------------------
 // Settings
@@ -656,10 +664,11 @@ async fn run_demo(settings: &GuardSettings) -> Result<(), Failure> {
     let started = Instant::now();
     let stats = GuardStats::new(started);
     let upstream = Upstream::start().await;
-    let down_addr = upstream::refused_addr();
+    let down = ReservedPort::new();
+    let down_addr = down.addr();
     let routes = demo_routes(settings, &stats, upstream.addr(), down_addr)?;
     let server = Server::start(loopback(0), gateway_router(routes)).await?;
-    let recovery = tokio::spawn(recover_down_upstream(down_addr, stats.clone()));
+    let recovery = tokio::spawn(recover_down_upstream(down, stats.clone()));
 
     let plan = demo_plan();
     let write = |e| Failure::runtime("cannot write to stdout", e);
@@ -678,7 +687,7 @@ async fn run_demo(settings: &GuardSettings) -> Result<(), Failure> {
 
     let rows: Vec<ScenarioRow> = Scenario::ALL
         .iter()
-        .map(|&scenario| ScenarioRow::new(scenario, &samples, &upstream))
+        .map(|&scenario| ScenarioRow::new(scenario, &samples, &upstream, &stats))
         .collect();
     let mut out = io::stdout().lock();
     print_summary(&mut out, &rows, &stats).map_err(write)?;
@@ -772,10 +781,10 @@ impl Scenario {
     fn route(self) -> &'static str {
         match self {
             Scenario::Healthy => "/ok",
-            Scenario::Slow => "/slow/{50..200}",
+            Scenario::Slow => "/slow/{50..150}",
             Scenario::Hanging => "/hang",
             Scenario::Resetting => "/reset",
-            Scenario::Down => "(refused port)",
+            Scenario::Down => "(refused, then up)",
             Scenario::Flaky => "/flaky/2/{key}",
         }
     }
@@ -784,7 +793,9 @@ impl Scenario {
     fn path(self, seq: usize) -> String {
         match self {
             Scenario::Healthy => "/ok".into(),
-            Scenario::Slow => format!("/slow/{}", 50 + (seq * 37) % 151),
+            // 50..=150 ms: slow, yet well below the default 300 ms attempt
+            // timeout even on a busy machine, so every one passes through.
+            Scenario::Slow => format!("/slow/{}", 50 + (seq * 37) % 101),
             Scenario::Hanging => "/hang".into(),
             Scenario::Resetting => "/reset".into(),
             Scenario::Down => format!("/down/{seq}"),
@@ -794,7 +805,7 @@ impl Scenario {
     }
 
     /// The prefix of this scenario's requests as the fault upstream records them;
-    /// `None` when they never reach it.
+    /// `None` when they never reach it (`down`: the guard counts its attempts).
     fn upstream_prefix(self) -> Option<&'static str> {
         match self {
             Scenario::Healthy => Some("/ok"),
@@ -950,6 +961,8 @@ struct GuardStats(Arc<GuardCounters>);
 struct GuardCounters {
     started: Instant,
     attempts: AtomicU64,
+    /// Attempts to the `down` upstream: no server records the refused ones.
+    down_attempts: AtomicU64,
     retries: AtomicU64,
     denied: Mutex<BTreeMap<&'static str, u64>>,
     timeline: Mutex<Vec<TimelineEntry>>,
@@ -980,6 +993,7 @@ impl GuardStats {
         GuardStats(Arc::new(GuardCounters {
             started,
             attempts: AtomicU64::new(0),
+            down_attempts: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             denied: Mutex::default(),
             timeline: Mutex::default(),
@@ -1005,6 +1019,10 @@ impl GuardStats {
         self.0.attempts.load(Ordering::Relaxed)
     }
 
+    fn down_attempts(&self) -> u64 {
+        self.0.down_attempts.load(Ordering::Relaxed)
+    }
+
     fn retries(&self) -> u64 {
         self.0.retries.load(Ordering::Relaxed)
     }
@@ -1020,8 +1038,11 @@ impl GuardStats {
 }
 
 impl Observer for GuardStats {
-    fn on_attempt(&self, _: &AttemptEvent<'_>) {
+    fn on_attempt(&self, event: &AttemptEvent<'_>) {
         self.0.attempts.fetch_add(1, Ordering::Relaxed);
+        if event.request().upstream() == Some(DOWN) {
+            self.0.down_attempts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn on_retry(&self, _: &RetryEvent<'_>) {
@@ -1066,7 +1087,12 @@ struct ScenarioRow {
 }
 
 impl ScenarioRow {
-    fn new(scenario: Scenario, samples: &[Sample], upstream: &Upstream) -> ScenarioRow {
+    fn new(
+        scenario: Scenario,
+        samples: &[Sample],
+        upstream: &Upstream,
+        stats: &GuardStats,
+    ) -> ScenarioRow {
         let mine: Vec<&Sample> = samples.iter().filter(|s| s.scenario == scenario).collect();
         let answers: Vec<&Answer> = mine
             .iter()
@@ -1087,7 +1113,7 @@ impl ScenarioRow {
                 .iter()
                 .filter_map(|a| a.problem.as_ref().map(|p| p.kind.clone()))
                 .collect(),
-            attempts: mean_attempts(scenario, &answers, upstream),
+            attempts: mean_attempts(scenario, &answers, upstream, stats),
             p50: percentile(&latencies, 0.50),
             p99: percentile(&latencies, 0.99),
         }
@@ -1097,15 +1123,21 @@ impl ScenarioRow {
 /// Mean attempts per request. The guard's own answers say how many attempts they
 /// took; responses it passed through do not, so when there are any, count the
 /// requests the upstream received for this scenario instead (which covers every
-/// attempt, failed or not).
-fn mean_attempts(scenario: Scenario, answers: &[&Answer], upstream: &Upstream) -> Option<f64> {
+/// attempt, failed or not). The `down` upstream records nothing (its refused
+/// attempts never arrive anywhere), so for it the guard's own count is used.
+fn mean_attempts(
+    scenario: Scenario,
+    answers: &[&Answer],
+    upstream: &Upstream,
+    stats: &GuardStats,
+) -> Option<f64> {
     if answers.is_empty() {
         return None;
     }
     let passed_through = answers.iter().any(|a| a.problem.is_none());
     let total = match (passed_through, scenario.upstream_prefix()) {
         (true, Some(prefix)) => upstream.count(prefix) as u64,
-        (true, None) => return None,
+        (true, None) => stats.down_attempts(),
         (false, _) => answers
             .iter()
             .filter_map(|a| a.problem.as_ref())
@@ -1140,7 +1172,7 @@ fn print_intro(
     )?;
     writeln!(
         out,
-        "  down upstream   http://{down}  (nothing listens until {:.0} s in)",
+        "  down upstream   http://{down}  (refuses connections until {:.0} s in)",
         DEMO_SPREAD.as_secs_f64() * DOWN_RECOVERS_AT
     )?;
     writeln!(
@@ -1251,7 +1283,8 @@ fn millis_text(duration: Duration) -> String {
     format!("{:.1}", duration.as_secs_f64() * 1_000.0)
 }
 
-/// `200×118 502×2`, plus `err×N` for requests that got no response.
+/// `200×118 502×2`, plus `err×N` for requests that got no response (`-` for
+/// none at all: a cell is never empty, see the module docs).
 fn status_counts(row: &ScenarioRow) -> String {
     let mut parts: Vec<String> = row
         .statuses
@@ -1260,6 +1293,9 @@ fn status_counts(row: &ScenarioRow) -> String {
         .collect();
     if row.errors > 0 {
         parts.push(format!("err×{}", row.errors));
+    }
+    if parts.is_empty() {
+        return "-".to_owned();
     }
     parts.join(" ")
 }
@@ -1287,11 +1323,14 @@ fn denied_counts(denied: &BTreeMap<&'static str, u64>) -> String {
 // Circuit breaker timeline
 // ---------------------------------------------------------------------------
 
-/// Halfway through the demo, the `down` upstream comes back: a server starts
-/// listening on its port, so its circuit can be seen closing again.
-async fn recover_down_upstream(addr: SocketAddr, stats: GuardStats) {
+/// Halfway through the demo, the `down` upstream comes back: its port, bound
+/// but refusing until now, starts listening, so its circuit can be seen closing
+/// again. Listening on the reserved socket (rather than binding the address
+/// anew) cannot lose the port to anyone else, nor fail with "address in use".
+async fn recover_down_upstream(down: ReservedPort, stats: GuardStats) {
     tokio::time::sleep(DEMO_SPREAD.mul_f64(DOWN_RECOVERS_AT)).await;
-    let listener = match TcpListener::bind(addr).await {
+    let addr = down.addr();
+    let listener = match down.listen() {
         Ok(listener) => listener,
         Err(error) => {
             tracing::warn!("the down upstream cannot come back on {addr}: {error}");
@@ -1329,10 +1368,7 @@ fn print_circuit_timeline(
         let at = entry.at.as_secs_f64();
         match entry.what {
             TimelineEvent::Recovered => {
-                writeln!(
-                    out,
-                    "  {at:6.2} s  down        upstream starts listening again"
-                )?;
+                timeline_line(out, at, DOWN, "upstream starts listening again")?;
             }
             TimelineEvent::Transition {
                 key,
@@ -1340,12 +1376,17 @@ fn print_circuit_timeline(
                 to,
                 open_for,
             } => {
-                let key = if key == down { DOWN.to_owned() } else { key };
+                let key = if key == down { DOWN } else { key.as_str() };
                 let open =
                     open_for.map_or_else(String::new, |d| format!(" for {} ms", d.as_millis()));
-                writeln!(out, "  {at:6.2} s  {key:<10}  {from} → {to}{open}")?;
+                timeline_line(out, at, key, &format!("{from} → {to}{open}"))?;
             }
         }
     }
     Ok(())
+}
+
+/// One timeline line: seconds since the start, the breaker, what happened.
+fn timeline_line(out: &mut impl Write, at: f64, key: &str, what: &str) -> io::Result<()> {
+    writeln!(out, "  {at:6.2} s  {key:<10}  {what}")
 }

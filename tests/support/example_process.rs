@@ -1,7 +1,8 @@
 //! Runs a built example (`examples/<name>.rs`) as a child process and talks to it
 //! over real HTTP: [`Example::start`] spawns it and waits for its
-//! `listening on http://ADDR` line, [`Example::run_to_exit`] runs it to its end,
-//! and [`send`] / [`get`] collect whole answers, each step bounded in time.
+//! `listening on http://ADDR` line, [`Example::run_to_exit`] and
+//! [`Example::run_to_exit_within`] run it to its end, and [`send`] / [`get`]
+//! collect whole answers, each step bounded in time.
 //!
 //! `cargo test` builds examples into `target/<profile>/examples/`; a test that
 //! runs alone (`cargo test --test NAME`) needs `cargo build --example <name>`
@@ -87,15 +88,21 @@ impl Example {
 
     /// Runs the example with `args` to completion (it is killed after [`STEP`]).
     pub async fn run_to_exit(self, args: &[&str]) -> Output {
+        self.run_to_exit_within(args, STEP).await
+    }
+
+    /// Runs the example with `args` to completion, for examples that take
+    /// longer than [`STEP`] (it is killed after `limit`).
+    pub async fn run_to_exit_within(self, args: &[&str], limit: Duration) -> Output {
         let name = self.0;
         let output = Command::new(self.binary())
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
-        tokio::time::timeout(STEP, output)
+        tokio::time::timeout(limit, output)
             .await
-            .unwrap_or_else(|_| panic!("the {name} example {args:?} did not exit within {STEP:?}"))
+            .unwrap_or_else(|_| panic!("the {name} example {args:?} did not exit within {limit:?}"))
             .unwrap_or_else(|error| panic!("run the {name} example: {error}"))
     }
 }

@@ -107,16 +107,46 @@ impl Recorded {
 /// merely freed again could be handed to the next `bind(0)` (a proxy under test,
 /// say), and the "refused" upstream would answer.
 pub fn refused_addr() -> SocketAddr {
-    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
-    let socket = tokio::net::TcpSocket::new_v4().expect("refused_addr: a TCP socket");
-    socket
-        .bind((Ipv4Addr::LOCALHOST, 0).into())
-        .expect("refused_addr: bind 127.0.0.1:0");
-    let addr = socket.local_addr().expect("refused_addr: local_addr");
+    static HELD: std::sync::Mutex<Vec<ReservedPort>> = std::sync::Mutex::new(Vec::new());
+    let reserved = ReservedPort::new();
+    let addr = reserved.addr();
     HELD.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(socket);
+        .push(reserved);
     addr
+}
+
+/// A loopback port that refuses connections until it is told to listen: an
+/// upstream that is down and later comes back on the same address.
+///
+/// The socket stays bound the whole time (bound, not listening, is what makes
+/// connecting fail), so no other `bind(0)` can take the port in between, and
+/// [`ReservedPort::listen`] cannot fail with "address in use".
+pub struct ReservedPort {
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl ReservedPort {
+    /// Binds `127.0.0.1:0` without listening.
+    pub fn new() -> ReservedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("reserved port: a TCP socket");
+        socket
+            .bind((Ipv4Addr::LOCALHOST, 0).into())
+            .expect("reserved port: bind 127.0.0.1:0");
+        let addr = socket.local_addr().expect("reserved port: local_addr");
+        ReservedPort { socket, addr }
+    }
+
+    /// The address connections are refused on (until [`ReservedPort::listen`]).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts listening on the same address; needs a tokio runtime.
+    pub fn listen(self) -> io::Result<TcpListener> {
+        self.socket.listen(1024)
+    }
 }
 
 impl Upstream {
