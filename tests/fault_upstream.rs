@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::upstream::{refused_addr, Upstream};
+use support::upstream::{refused_addr, ReservedPort, Upstream};
 
 /// Upper bound for any single step of a test.
 const STEP: Duration = Duration::from_secs(10);
@@ -540,4 +540,23 @@ async fn dropping_the_upstream_shuts_it_down() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused, "listener still accepting after drop");
+}
+
+#[tokio::test]
+async fn a_reserved_port_refuses_until_it_listens_on_the_same_address() {
+    let reserved = ReservedPort::new();
+    let addr = reserved.addr();
+    let refused = bounded("connect", TcpStream::connect(addr)).await;
+    assert_eq!(
+        refused.map_err(|e| e.kind()).err(),
+        Some(ErrorKind::ConnectionRefused)
+    );
+
+    let listener = reserved.listen().expect("listen on the reserved port");
+    assert_eq!(listener.local_addr().expect("local_addr"), addr);
+    let (accepted, connected) = bounded("connect and accept", async {
+        tokio::join!(listener.accept(), TcpStream::connect(addr))
+    })
+    .await;
+    assert!(accepted.is_ok() && connected.is_ok());
 }
