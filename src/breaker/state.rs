@@ -600,7 +600,8 @@ mod tests {
     fn a_trip_still_writing_its_open_period_rejects_for_at_least_the_base_period() {
         let (b, p) = (Breaker::new(10 * SEC), policy());
         // The word as a trip's winner leaves it before writing `open_until`.
-        b.word.store(Word(CLOSED).next(OPENING).0, Ordering::Release);
+        b.word
+            .store(Word(CLOSED).next(OPENING).0, Ordering::Release);
         match b.admit(&p, || 7 * SEC) {
             (Admission::Rejected { retry_after_nanos }, None) => {
                 assert_eq!(retry_after_nanos, 5 * SEC)
