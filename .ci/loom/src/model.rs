@@ -1,10 +1,12 @@
-//! Model checks of the breaker's state machine under every interleaving loom can
-//! find. Run with `cargo test --release` in `.ci/loom`.
+//! Model checks of the breaker's state machine, and of the registry's in-flight
+//! counts across re-keying, under every interleaving loom can find. Run with
+//! `cargo test --release` in `.ci/loom`.
 
 use loom::sync::Arc;
 use loom::thread;
 
 use crate::state::{Admission, Breaker, CircuitState, Policy, Record};
+use crate::tenancy::{Acquired, Tenancy};
 
 const SEC: u64 = 1_000_000_000;
 
@@ -205,7 +207,11 @@ fn two_failed_probes_store_the_open_period_the_winner_reports() {
             .collect();
         let transitions = threads.into_iter().map(|t| t.join().unwrap()).collect();
         let reported = reported_open_periods(transitions);
-        assert_eq!(reported, vec![2 * SEC], "one reopening, the second trip in a row");
+        assert_eq!(
+            reported,
+            vec![2 * SEC],
+            "one reopening, the second trip in a row"
+        );
         assert_eq!(b.nanos_until_half_open(2 * SEC), 2 * SEC);
     });
 }
@@ -235,5 +241,57 @@ fn an_admission_racing_a_trip_never_probes_before_the_open_period_ends() {
         );
         assert_eq!(transition, None);
         assert_eq!(b.state(), CircuitState::Open);
+    });
+}
+
+// Re-keying a registry slot (eviction giving it to a new key) racing requests
+// of the key that held it.
+
+#[test]
+fn a_rekey_racing_a_release_of_the_old_key_leaves_the_new_key_at_zero() {
+    loom::model(|| {
+        let slot = Arc::new(Tenancy::new());
+        let old = slot.generation();
+        assert_eq!(slot.acquire(old, 1), Acquired::Permit);
+        let releaser = {
+            let slot = slot.clone();
+            thread::spawn(move || slot.release(old))
+        };
+        let rekeyer = {
+            let slot = slot.clone();
+            thread::spawn(move || slot.rekey())
+        };
+        releaser.join().unwrap();
+        let new = rekeyer.join().unwrap();
+        assert_ne!(new, old);
+        assert_eq!(slot.in_flight(), 0, "neither wrapped nor left behind");
+    });
+}
+
+#[test]
+fn a_rekey_racing_an_admission_of_the_old_key_leaks_no_permit_into_the_new_key() {
+    loom::model(|| {
+        let slot = Arc::new(Tenancy::new());
+        let old = slot.generation();
+        // An old-key request: admitted (or not), then done.
+        let admitter = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                if slot.acquire(old, 1) == Acquired::Permit {
+                    assert!(slot.release(old) || slot.generation() != old);
+                }
+            })
+        };
+        // The eviction, then the new key's first request.
+        let rekeyer = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let new = slot.rekey();
+                slot.acquire(new, 1)
+            })
+        };
+        admitter.join().unwrap();
+        assert_eq!(rekeyer.join().unwrap(), Acquired::Permit);
+        assert_eq!(slot.in_flight(), 1, "only the new key's request");
     });
 }
