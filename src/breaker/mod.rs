@@ -21,6 +21,7 @@
 mod registry;
 mod state;
 mod sync;
+mod tenancy;
 mod window;
 
 use std::fmt;
@@ -35,6 +36,7 @@ pub use state::CircuitState;
 
 pub(crate) use registry::{Entry, KeyCache, Keyed, Target};
 pub(crate) use state::{Admission, Policy, Record, Transition, MAX_PROBES};
+use tenancy::{Acquired, FIRST_GENERATION};
 
 use crate::layer::ConfigError;
 
@@ -412,6 +414,18 @@ pub(crate) struct Ticket {
     pub(crate) counted: bool,
 }
 
+impl Ticket {
+    /// A ticket that holds nothing and records nothing.
+    fn uncounted(target: Target) -> Ticket {
+        Ticket {
+            target,
+            probe: None,
+            permit: false,
+            counted: false,
+        }
+    }
+}
+
 impl Breakers {
     pub(crate) fn new(config: &CircuitBreaker) -> Breakers {
         let window = nanos(config.window);
@@ -455,12 +469,32 @@ impl Breakers {
             .unwrap_or(Target::Default)
     }
 
+    /// The entry of a target, if the target's key still holds it.
     pub(crate) fn entry(&self, target: Target) -> Option<&Entry> {
+        self.current(target).map(|(entry, _)| entry)
+    }
+
+    /// The entry of a target and the generation it holds it at, if the target's
+    /// key still holds it.
+    fn current(&self, target: Target) -> Option<(&Entry, u32)> {
+        let (entry, generation) = self.slot(target)?;
         match target {
-            Target::Default => Some(&self.default),
+            Target::Default => Some((entry, generation)),
+            Target::Keyed { .. } => {
+                (entry.tenancy.generation() == generation).then_some((entry, generation))
+            }
+        }
+    }
+
+    /// The entry a target names and the generation the target holds it at,
+    /// whether or not its key still holds it: for changes that check the
+    /// generation themselves, in the same atomic step.
+    fn slot(&self, target: Target) -> Option<(&Entry, u32)> {
+        match target {
+            // Never given to another key.
+            Target::Default => Some((&self.default, FIRST_GENERATION)),
             Target::Keyed { index, generation } => {
-                let entry = self.keyed.as_ref()?.entry(index)?;
-                (entry.generation.load(Ordering::Acquire) == generation).then_some(entry)
+                Some((self.keyed.as_ref()?.entry(index)?, generation))
             }
         }
     }
@@ -499,25 +533,21 @@ impl Breakers {
                 return (reject, None, CircuitState::ForcedOpen);
             }
             BreakerMode::Disabled => {
-                let ticket = Ticket {
-                    target,
-                    probe: None,
-                    permit: false,
-                    counted: false,
-                };
-                return (Admit::Go(ticket), None, CircuitState::Disabled);
+                return (
+                    Admit::Go(Ticket::uncounted(target)),
+                    None,
+                    CircuitState::Disabled,
+                );
             }
         }
-        let Some(entry) = self.entry(target) else {
+        let Some((entry, generation)) = self.current(target) else {
             // The entry was evicted between lookup and admission: let it through
             // uncounted rather than guess.
-            let ticket = Ticket {
-                target,
-                probe: None,
-                permit: false,
-                counted: false,
-            };
-            return (Admit::Go(ticket), None, CircuitState::Closed);
+            return (
+                Admit::Go(Ticket::uncounted(target)),
+                None,
+                CircuitState::Closed,
+            );
         };
         let (admission, transition) = entry.breaker.admit(&self.policy, || self.now_nanos());
         let state = entry.breaker.state();
@@ -533,18 +563,23 @@ impl Breakers {
         };
         let mut permit = false;
         if let Some(limit) = self.concurrency_limit {
-            if entry.in_flight.fetch_add(1, Ordering::AcqRel) >= limit {
-                entry.in_flight.fetch_sub(1, Ordering::AcqRel);
-                if let Some(epoch) = probe {
-                    entry.breaker.release_probe(epoch);
+            match entry.tenancy.acquire(generation, limit) {
+                Acquired::Permit => permit = true,
+                refused => {
+                    if let Some(epoch) = probe {
+                        entry.breaker.release_probe(epoch);
+                    }
+                    let admit = match refused {
+                        Acquired::Full => Admit::Reject(
+                            crate::FailureKind::ConcurrencyLimited,
+                            Duration::from_secs(1),
+                        ),
+                        // Evicted since the check above: as there, uncounted.
+                        _ => Admit::Go(Ticket::uncounted(target)),
+                    };
+                    return (admit, transition, state);
                 }
-                let reject = Admit::Reject(
-                    crate::FailureKind::ConcurrencyLimited,
-                    Duration::from_secs(1),
-                );
-                return (reject, transition, state);
             }
-            permit = true;
         }
         let ticket = Ticket {
             target,
@@ -583,16 +618,20 @@ impl Breakers {
                 .is_none_or(|e| e.breaker.is_closed())
     }
 
-    /// Gives back what a finished (or dropped) request held.
+    /// Gives back what a finished (or dropped) request held. What it held on
+    /// an entry since given to another key is not given back: re-keying dropped
+    /// it (the permit count) or made it stale (the probe's epoch).
     pub(crate) fn release(&self, ticket: &mut Ticket) {
-        let Some(entry) = self.entry(ticket.target) else {
+        let Some((entry, generation)) = self.slot(ticket.target) else {
             return;
         };
         if let Some(epoch) = ticket.probe.take() {
-            entry.breaker.release_probe(epoch);
+            if entry.tenancy.generation() == generation {
+                entry.breaker.release_probe(epoch);
+            }
         }
         if std::mem::take(&mut ticket.permit) {
-            entry.in_flight.fetch_sub(1, Ordering::AcqRel);
+            entry.tenancy.release(generation);
         }
     }
 
@@ -613,7 +652,7 @@ impl Breakers {
             window_slow_calls: slow,
             until_half_open: (state == CircuitState::Open).then(|| Duration::from_nanos(until)),
             trips: entry.breaker.trips(),
-            in_flight: entry.in_flight.load(Ordering::Relaxed),
+            in_flight: entry.tenancy.in_flight(),
         }
     }
 }
@@ -736,5 +775,64 @@ impl BreakerHandle {
     /// How many keys have a breaker of their own.
     pub fn keys(&self) -> usize {
         self.breakers().keyed.as_ref().map_or(0, Keyed::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Breakers with room for one key, so each new key evicts the last one,
+    /// and a concurrency limit of one.
+    fn one_key_one_permit() -> Breakers {
+        Breakers::new(&CircuitBreaker::default().max_keys(1).concurrency_limit(1))
+    }
+
+    fn target_of(breakers: &Breakers, authority: &str) -> Target {
+        let (parts, ()) = http::Request::get(format!("http://{authority}/"))
+            .body(())
+            .expect("a valid request")
+            .into_parts();
+        breakers.target(&parts, &mut KeyCache::default())
+    }
+
+    fn ticket(breakers: &Breakers, target: Target) -> Ticket {
+        match breakers.admit(target).0 {
+            Admit::Go(ticket) => ticket,
+            Admit::Reject(kind, _) => panic!("rejected: {kind:?}"),
+        }
+    }
+
+    fn in_flight(breakers: &Breakers, key: &str) -> u32 {
+        let keyed = breakers.keyed.as_ref().expect("keyed breakers");
+        keyed.lookup(key).expect("a key").tenancy.in_flight()
+    }
+
+    #[test]
+    fn a_request_of_an_evicted_key_gives_nothing_back_to_the_new_key() {
+        let breakers = one_key_one_permit();
+        let old = target_of(&breakers, "a:80");
+        let mut old_ticket = ticket(&breakers, old);
+        assert!(old_ticket.permit);
+        let new = target_of(&breakers, "b:80");
+        let mut new_ticket = ticket(&breakers, new);
+        assert!(
+            new_ticket.permit,
+            "the old key's permit is not the new key's"
+        );
+        breakers.release(&mut old_ticket);
+        assert_eq!(in_flight(&breakers, "b:80"), 1);
+        breakers.release(&mut new_ticket);
+        assert_eq!(in_flight(&breakers, "b:80"), 0);
+    }
+
+    #[test]
+    fn a_request_admitted_on_an_evicted_key_takes_no_permit_of_the_new_key() {
+        let breakers = one_key_one_permit();
+        let old = target_of(&breakers, "a:80");
+        target_of(&breakers, "b:80");
+        let stale = ticket(&breakers, old);
+        assert!(!stale.permit && !stale.counted, "{stale:?}");
+        assert_eq!(in_flight(&breakers, "b:80"), 0);
     }
 }

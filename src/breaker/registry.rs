@@ -12,10 +12,11 @@
 //! the number of distinct keys.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use super::state::Breaker;
+use super::tenancy::Tenancy;
 
 const CHUNK: usize = 64;
 
@@ -26,10 +27,11 @@ const EVICTION_SCAN: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) breaker: Breaker,
-    /// Requests admitted and not yet answered (for the concurrency cap).
-    pub(crate) in_flight: AtomicU32,
-    /// Bumped each time the entry is given to another key.
-    pub(crate) generation: AtomicU64,
+    /// Which key holds the entry (a generation, bumped each time the entry is
+    /// given to another key) and its requests admitted and not yet answered (for
+    /// the concurrency cap), changed together so that a request of the previous
+    /// key cannot touch the new key's count.
+    pub(crate) tenancy: Tenancy,
     /// Set on use, cleared by the eviction hand: "used recently".
     referenced: AtomicBool,
 }
@@ -38,8 +40,7 @@ impl Entry {
     pub(crate) fn new(window_nanos: u64) -> Entry {
         Entry {
             breaker: Breaker::new(window_nanos),
-            in_flight: AtomicU32::new(0),
-            generation: AtomicU64::new(0),
+            tenancy: Tenancy::new(),
             referenced: AtomicBool::new(false),
         }
     }
@@ -58,13 +59,13 @@ pub(crate) enum Target {
     /// The registry's own breaker, for requests without a key.
     Default,
     /// A keyed entry.
-    Keyed { index: u32, generation: u64 },
+    Keyed { index: u32, generation: u32 },
 }
 
 /// The last key a service looked up, to skip the map next time.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct KeyCache {
-    last: Option<(Arc<str>, u32, u64)>,
+    last: Option<(Arc<str>, u32, u32)>,
 }
 
 struct Index {
@@ -125,7 +126,7 @@ impl Keyed {
         if let Some((cached, index, generation)) = &cache.last {
             if &**cached == key {
                 if let Some(entry) = self.entry(*index) {
-                    if entry.generation.load(Ordering::Acquire) == *generation {
+                    if entry.tenancy.generation() == *generation {
                         entry.touch();
                         return Some(Target::Keyed {
                             index: *index,
@@ -137,23 +138,30 @@ impl Keyed {
         }
         let found = {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-            index.map.get_key_value(key).map(|(k, i)| (k.clone(), *i))
+            self.held_by(&index, key)
         };
-        let (key, index) = match found {
+        let (key, index, generation) = match found {
             Some(found) => found,
             None => self.insert(key)?,
         };
-        let entry = self.entry(index)?;
-        entry.touch();
-        let generation = entry.generation.load(Ordering::Acquire);
+        self.entry(index)?.touch();
         cache.last = Some((key, index, generation));
         Some(Target::Keyed { index, generation })
     }
 
-    fn insert(&self, key: &str) -> Option<(Arc<str>, u32)> {
+    /// The slot `key` holds and its generation. Read under the index lock, which
+    /// re-keying holds for writing: read after it, the generation could be that
+    /// of the next key given the slot.
+    fn held_by(&self, index: &Index, key: &str) -> Option<(Arc<str>, u32, u32)> {
+        let (key, slot) = index.map.get_key_value(key)?;
+        let generation = self.entry(*slot)?.tenancy.generation();
+        Some((key.clone(), *slot, generation))
+    }
+
+    fn insert(&self, key: &str) -> Option<(Arc<str>, u32, u32)> {
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, i)) = index.map.get_key_value(key) {
-            return Some((k.clone(), *i));
+        if let Some(found) = self.held_by(&index, key) {
+            return Some(found);
         }
         let key: Arc<str> = Arc::from(key);
         let slot = if index.keys.len() < self.max_keys {
@@ -165,14 +173,13 @@ impl Keyed {
         let entry = self.entry_or_init(slot)?;
         if let Some(old) = index.keys[slot].take() {
             index.map.remove(&old);
-            entry.generation.fetch_add(1, Ordering::AcqRel);
+            entry.tenancy.rekey();
             entry.breaker.reset();
-            entry.in_flight.store(0, Ordering::Release);
         }
         let slot32 = u32::try_from(slot).ok()?;
         index.keys[slot] = Some(key.clone());
         index.map.insert(key.clone(), slot32);
-        Some((key, slot32))
+        Some((key, slot32, entry.tenancy.generation()))
     }
 
     /// Picks a slot to reuse: from the hand on, the first slot not used since the
@@ -197,7 +204,7 @@ impl Keyed {
             if entry.referenced.swap(false, Ordering::Relaxed) {
                 continue;
             }
-            let idle = entry.in_flight.load(Ordering::Acquire) == 0 && entry.breaker.is_closed();
+            let idle = entry.tenancy.in_flight() == 0 && entry.breaker.is_closed();
             if idle {
                 return Some(slot);
             }

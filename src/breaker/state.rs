@@ -6,11 +6,17 @@
 //! more probes than configured.
 //!
 //! ```text
-//!  bits 0..2    state: closed, open, half-open
+//!  bits 0..2    state: closed, open, half-open, opening
 //!  bits 2..12   probes admitted in this half-open period
 //!  bits 12..22  probes that succeeded in this half-open period
 //!  bits 22..64  epoch: incremented by every transition
 //! ```
+//!
+//! The end of the open period does not fit in the word, so tripping takes two
+//! steps: the compare-and-swap that wins the trip moves the word to *opening*,
+//! the winner alone writes the open period, then moves the word to *open*. A
+//! racer that loses the trip writes nothing, so the stored period is always the
+//! one the reported transition names. Opening behaves as open to everyone else.
 //!
 //! The closed-state hot path is one load to admit, and one load to record a
 //! success (the consecutive-failure counter is only written when it is not zero).
@@ -79,6 +85,8 @@ impl std::fmt::Display for CircuitState {
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
+/// Tripped, and the winner of the trip is still writing the open period.
+const OPENING: u64 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Word(u64);
@@ -99,6 +107,10 @@ impl Word {
     fn next(self, state: u64) -> Word {
         Word(((self.epoch() + 1) << EPOCH_SHIFT) | state)
     }
+    /// The same word in another state, in the same epoch.
+    fn with_state(self, state: u64) -> Word {
+        Word((self.0 & !STATE_MASK) | state)
+    }
     fn with_probes(self, probes: u32) -> Word {
         Word((self.0 & !(COUNT_MASK << PROBES_SHIFT)) | (u64::from(probes) << PROBES_SHIFT))
     }
@@ -108,7 +120,7 @@ impl Word {
     fn public(self) -> CircuitState {
         match self.state() {
             CLOSED => CircuitState::Closed,
-            OPEN => CircuitState::Open,
+            OPEN | OPENING => CircuitState::Open,
             _ => CircuitState::HalfOpen,
         }
     }
@@ -225,7 +237,8 @@ impl Breaker {
         self.window.totals(now)
     }
 
-    /// Nanoseconds until an open breaker turns half-open (zero if not open).
+    /// Nanoseconds until an open breaker turns half-open (zero if not open, or
+    /// if the trip that opened it is still writing the open period).
     pub(crate) fn nanos_until_half_open(&self, now: u64) -> u64 {
         if Word(self.word.load(Ordering::Acquire)).state() != OPEN {
             return 0;
@@ -276,6 +289,12 @@ impl Breaker {
                         }
                         Err(actual) => word = Word(actual),
                     }
+                }
+                OPENING => {
+                    // Just tripped; the open period is not written yet, but it is
+                    // at least the base one.
+                    let retry_after_nanos = policy.open_nanos;
+                    return (Admission::Rejected { retry_after_nanos }, None);
                 }
                 _ => {
                     if word.probes() >= policy.probes {
@@ -431,6 +450,10 @@ impl Breaker {
     }
 
     /// Opens the breaker if it is still exactly `word`; else gives the new word.
+    ///
+    /// Only the winner of the compare-and-swap writes the open period (and the
+    /// trip count it grows from): a racer that computed a period too, from a trip
+    /// count the winner already bumped, must not overwrite the winner's.
     fn try_trip(
         &self,
         policy: &Policy,
@@ -438,30 +461,34 @@ impl Breaker {
         from: CircuitState,
         now: u64,
     ) -> Result<Transition, Word> {
+        let opening = word.next(OPENING);
+        if let Err(actual) =
+            self.word
+                .compare_exchange(word.0, opening.0, Ordering::AcqRel, Ordering::Acquire)
+        {
+            return Err(Word(actual));
+        }
         let trips = self.trips.load(Ordering::Acquire) + 1;
         let open_nanos = policy.open_for(trips);
-        // Publish the end of the open period before the state that makes anyone
-        // read it.
         self.open_until
             .store(now.saturating_add(open_nanos), Ordering::Release);
-        match self.word.compare_exchange(
-            word.0,
-            word.next(OPEN).0,
+        self.trips.store(trips, Ordering::Release);
+        self.consecutive.store(0, Ordering::Release);
+        self.window.clear();
+        // Open only now that the period is written: readers of an open word read
+        // it. This fails only if the slot was reset (given to another key)
+        // meanwhile, which leaves the breaker as the reset made it.
+        let _ = self.word.compare_exchange(
+            opening.0,
+            opening.with_state(OPEN).0,
             Ordering::AcqRel,
             Ordering::Acquire,
-        ) {
-            Ok(_) => {
-                self.trips.store(trips, Ordering::Release);
-                self.consecutive.store(0, Ordering::Release);
-                self.window.clear();
-                Ok(Transition {
-                    from,
-                    to: CircuitState::Open,
-                    open_nanos: Some(open_nanos),
-                })
-            }
-            Err(actual) => Err(Word(actual)),
-        }
+        );
+        Ok(Transition {
+            from,
+            to: CircuitState::Open,
+            open_nanos: Some(open_nanos),
+        })
     }
 }
 
@@ -567,6 +594,22 @@ mod tests {
         assert_eq!((t.from, t.to), (CircuitState::HalfOpen, CircuitState::Open));
         assert_eq!(t.open_nanos, Some(10 * SEC), "second trip doubles");
         assert_eq!(b.nanos_until_half_open(5 * SEC), 10 * SEC);
+    }
+
+    #[test]
+    fn a_trip_still_writing_its_open_period_rejects_for_at_least_the_base_period() {
+        let (b, p) = (Breaker::new(10 * SEC), policy());
+        // The word as a trip's winner leaves it before writing `open_until`.
+        b.word
+            .store(Word(CLOSED).next(OPENING).0, Ordering::Release);
+        match b.admit(&p, || 7 * SEC) {
+            (Admission::Rejected { retry_after_nanos }, None) => {
+                assert_eq!(retry_after_nanos, 5 * SEC)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.state(), CircuitState::Open);
+        assert!(!b.is_closed());
     }
 
     #[test]

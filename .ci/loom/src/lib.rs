@@ -1,5 +1,6 @@
-//! The circuit breaker's lock-free state machine, compiled against loom's atomics
-//! so `model.rs` can check it under every interleaving loom explores.
+//! The circuit breaker's lock-free state machine, and the registry slot word that
+//! ties in-flight counts to the key holding the slot, compiled against loom's
+//! atomics so `model.rs` can check them under every interleaving loom explores.
 #![allow(dead_code, unreachable_pub)]
 
 #[path = "../../../src/breaker/sync.rs"]
@@ -10,6 +11,9 @@ mod window;
 
 #[path = "../../../src/breaker/state.rs"]
 mod state;
+
+#[path = "../../../src/breaker/tenancy.rs"]
+mod tenancy;
 
 #[cfg(test)]
 mod model;
