@@ -8,7 +8,7 @@
 //! new key. Requests without a key (and guards with a single breaker, or none)
 //! share one budget.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use crate::breaker::Target;
@@ -30,7 +30,7 @@ pub(crate) struct Budgets {
 /// A keyed budget and the registry generation it belongs to.
 #[derive(Debug)]
 struct Slot {
-    generation: AtomicU64,
+    generation: AtomicU32,
     budget: RetryBudget,
 }
 
@@ -66,22 +66,23 @@ impl Budgets {
 impl Slot {
     fn new(config: BudgetConfig) -> Slot {
         Slot {
-            generation: AtomicU64::new(0),
+            generation: AtomicU32::new(0),
             budget: RetryBudget::new(config),
         }
     }
 
     /// Makes the slot belong to `generation` if that is newer (a new key took
     /// the registry slot: its budget starts empty); whether it belongs to it.
-    /// Generations only grow, so a straggler of an older key never resets the
-    /// budget of the key that replaced it.
-    fn for_generation(&self, generation: u64) -> bool {
+    /// Generations only move forward (32-bit, compared as serial numbers across
+    /// the wrap), so a straggler of an older key never resets the budget of the
+    /// key that replaced it.
+    fn for_generation(&self, generation: u32) -> bool {
         let mut current = self.generation.load(Ordering::Acquire);
         loop {
             if current == generation {
                 return true;
             }
-            if current > generation {
+            if !is_newer(generation, current) {
                 return false;
             }
             match self.generation.compare_exchange(
@@ -100,6 +101,13 @@ impl Slot {
     }
 }
 
+/// Whether generation `a` came after `b` (RFC 1982 serial number arithmetic:
+/// correct while the two are less than 2^31 re-keys apart).
+fn is_newer(a: u32, b: u32) -> bool {
+    // The cast reinterprets the wrapped difference as signed, on purpose.
+    (a.wrapping_sub(b) as i32) > 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,7 +122,7 @@ mod tests {
         }
     }
 
-    fn key(index: u32, generation: u64) -> Option<Target> {
+    fn key(index: u32, generation: u32) -> Option<Target> {
         Some(Target::Keyed { index, generation })
     }
 
@@ -155,6 +163,18 @@ mod tests {
         }
         assert!(budgets.of(key(3, 0)).is_none());
         assert_eq!(granted(budgets.of(key(3, 1)).unwrap(), 50, now), 20);
+    }
+
+    #[test]
+    fn a_generation_that_wrapped_around_is_still_newer() {
+        assert!(is_newer(0, u32::MAX));
+        assert!(!is_newer(u32::MAX, 0));
+        let budgets = Budgets::new(config(), 8);
+        // A slot re-keyed all the way round, in steps of under 2^31.
+        for generation in [0, 1 << 30, 1 << 31, 3 << 30, u32::MAX, 0] {
+            assert!(budgets.of(key(1, generation)).is_some(), "{generation}");
+        }
+        assert!(budgets.of(key(1, u32::MAX)).is_none(), "a straggler");
     }
 
     #[test]
