@@ -6,17 +6,39 @@
 //!    ([`Classify::classify_response`]) — only the status and headers are looked at;
 //!    the body is never read.
 //! 2. What *kind* of failure is this inner-service error? ([`Classify::error_kind`])
-//!    — connect errors are told apart from resets and malformed responses by walking
-//!    the error's `source()` chain.
+//!    — connect errors are told apart from resets, timeouts and malformed responses
+//!    by walking the error's `source()` chain (see [`failure_kind_of`]).
 //! 3. May a failure of this kind be retried? ([`Classify::is_retryable`])
 //!
 //! The same answers drive retries and the circuit breaker, so they never disagree.
 //! Whether a retry is *safe* (idempotent method, `Idempotency-Key`, request never
 //! sent) is decided by the guard, not the classifier: a classifier cannot make a
 //! non-idempotent request retryable after it may have reached the upstream.
+//!
+//! # Errors of other clients
+//!
+//! [`FailureKind::Connect`] says the request never left, which lets the guard
+//! retry even a `POST`, so it is given only when the error proves it. The proof is
+//! *where* a failure happened, not what it looks like: the clients this crate knows
+//! (hyper-util's, reqwest, tonic) report whatever goes wrong while connecting —
+//! DNS, TCP, the TLS handshake, a connect timeout — inside a connect-phase error,
+//! and the walk, which goes from the outermost error inwards, stops at that
+//! wrapper. TLS shows why: tokio-rustls reports a failed handshake as an
+//! `io::Error` of kind `InvalidData` around a `rustls::Error`, and a corrupt record
+//! *after* the handshake, when the request may have been sent, as the very same
+//! value. Only the wrapper (hyper-util's connect error, under which reqwest's sit,
+//! or tonic's `ConnectError`) tells the two apart; so TLS errors need no rule of
+//! their own, and this crate no dependency on rustls.
+//!
+//! Some of these errors cannot be named from here: hyper-util's `HttpConnector`
+//! error and reqwest's timeout are private types, and neither tonic nor tower (this
+//! crate builds on `tower-service` and `tower-layer` only) is a dependency.
+//! They are recognised by the type name their `Debug` output starts with (see
+//! [`failure_kind_of`]); the others by their type. An error that nothing
+//! recognises stays [`FailureKind::Transport`]: the request may have been sent.
 
 use std::error::Error;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io;
 
 use http::{HeaderMap, StatusCode};
@@ -251,17 +273,43 @@ where
 }
 
 /// Tells what kind of failure an inner-service error is, by walking its `source()`
-/// chain:
+/// chain from the outermost error inwards; the first link that is recognised
+/// decides:
 ///
 /// - hyper-util's legacy client error with `is_connect()` → [`FailureKind::Connect`]
-///   (feature `hyper`, on by default);
+///   (feature `hyper`, on by default). reqwest's connect errors (DNS, refused,
+///   TLS handshake, `connect_timeout`) sit under it;
+/// - an error type named `ConnectError` → [`FailureKind::Connect`]: tonic's
+///   `tonic::ConnectError`, which wraps everything a `Channel`'s connector does —
+///   DNS, TCP, the TLS handshake — and hyper-util's `HttpConnector` error (DNS,
+///   TCP connect, connect timeout), also without the `hyper` feature;
 /// - an `io::Error` of kind `ConnectionRefused`, `AddrNotAvailable`,
 ///   `NetworkUnreachable` or `HostUnreachable` → [`FailureKind::Connect`]; of kind
 ///   `InvalidData` → [`FailureKind::MalformedResponse`];
 /// - a hyper parse error → [`FailureKind::MalformedResponse`] (feature `hyper`);
 /// - tokio's `Elapsed` (a `tokio::time::timeout` inside the inner service) →
 ///   [`FailureKind::AttemptTimeout`];
+/// - an error type named `Elapsed` (tower's: a `tower::timeout::Timeout` inside
+///   the inner service), `TimedOut` (reqwest's `timeout()`) or `TimeoutExpired`
+///   (`tonic::TimeoutExpired`: a `Channel`'s `Endpoint::timeout` or `grpc-timeout`)
+///   → [`FailureKind::AttemptTimeout`];
 /// - anything else → [`FailureKind::Transport`].
+///
+/// The outermost recognised link wins because it knows the phase: a TLS handshake
+/// failure is an `io::Error` of kind `InvalidData` (which alone would mean a
+/// malformed response), but under a connect error it is a connect failure; a
+/// reqwest `connect_timeout` is a `TimedOut` under hyper-util's connect error, and
+/// so a connect failure (an attempt timeout without the `hyper` feature). An
+/// `InvalidData` error on its own is never taken for a TLS handshake failure:
+/// tokio-rustls reports a corrupt record after the handshake, when the request may
+/// have been sent, with the same value.
+///
+/// "Named" means the name a type's `Debug` output starts with, as a derived
+/// `Debug` writes it: these types are private to their crates (hyper-util's
+/// `HttpConnector` error, reqwest's `TimedOut`) or their crate is not a dependency
+/// of this one (tonic, tower). The name is read without allocating, and only on the
+/// error path; `tests/classify_clients.rs` checks the names against the real
+/// clients.
 ///
 /// The walk is bounded (at most 32 links), so a cyclic chain cannot hang it.
 pub fn failure_kind_of(error: &(dyn Error + 'static)) -> FailureKind {
@@ -308,7 +356,71 @@ fn kind_of_link(err: &(dyn Error + 'static)) -> Option<FailureKind> {
     if err.is::<tokio::time::error::Elapsed>() {
         return Some(FailureKind::AttemptTimeout);
     }
-    None
+    kind_of_type_name(err)
+}
+
+/// Error types recognised by the name their `Debug` output starts with, because
+/// they cannot be named from this crate.
+const NAMED_KINDS: &[(&str, FailureKind)] = &[
+    // `tonic::ConnectError` (all of a `Channel`'s connector: DNS, TCP, TLS
+    // handshake) and hyper-util's private `HttpConnector` error (DNS, TCP connect,
+    // connect timeout).
+    ("ConnectError", FailureKind::Connect),
+    // `tower::timeout::error::Elapsed`: a `tower::timeout::Timeout` elapsed.
+    ("Elapsed", FailureKind::AttemptTimeout),
+    // reqwest's private `TimedOut`: the `timeout()` of a request elapsed.
+    ("TimedOut", FailureKind::AttemptTimeout),
+    // `tonic::TimeoutExpired`: a `Channel`'s `Endpoint::timeout` or `grpc-timeout`.
+    ("TimeoutExpired", FailureKind::AttemptTimeout),
+];
+
+fn kind_of_type_name(err: &(dyn Error + 'static)) -> Option<FailureKind> {
+    let mut name = TypeName::default();
+    // `TypeName` reports an error to stop the formatting once the name has ended,
+    // so an `Err` here is the normal outcome, not a failure.
+    let _ = write!(name, "{err:?}");
+    NAMED_KINDS
+        .iter()
+        .find(|(known, _)| name.is(known))
+        .map(|&(_, kind)| kind)
+}
+
+/// The type name a `Debug` output starts with (`ConnectError` for
+/// `ConnectError("dns error", ..)`), captured without allocating.
+///
+/// It ends the formatting at the first character that cannot be part of a name,
+/// so a long `Debug` output (a whole error chain) is never produced. A name that
+/// fills the buffer is cut there, and so never equals one of [`NAMED_KINDS`],
+/// which are all shorter.
+#[derive(Default)]
+struct TypeName {
+    bytes: [u8; 32],
+    len: usize,
+    ended: bool,
+}
+
+impl TypeName {
+    fn is(&self, name: &str) -> bool {
+        self.bytes[..self.len] == *name.as_bytes()
+    }
+}
+
+impl fmt::Write for TypeName {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for byte in s.bytes() {
+            if self.ended {
+                return Err(fmt::Error);
+            }
+            match self.bytes.get_mut(self.len) {
+                Some(slot) if byte.is_ascii_alphanumeric() || byte == b'_' => {
+                    *slot = byte;
+                    self.len += 1;
+                }
+                _ => self.ended = true,
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +458,43 @@ mod tests {
     fn invalid_data_is_a_malformed_response() {
         let err = io::Error::from(io::ErrorKind::InvalidData);
         assert_eq!(failure_kind_of(&err), FailureKind::MalformedResponse);
+    }
+
+    #[test]
+    fn a_tonic_connect_error_is_a_connect_failure_whatever_it_wraps() {
+        // How a tonic `Channel` reports a failed TLS handshake: tokio-rustls's
+        // `InvalidData` error, which alone reads as a malformed response, inside
+        // tonic's connect-phase wrapper.
+        let handshake = io::Error::from(io::ErrorKind::InvalidData);
+        let err = Wrapper(Box::new(tonic::ConnectError(Box::new(handshake))));
+        assert_eq!(failure_kind_of(&err), FailureKind::Connect);
+    }
+
+    #[test]
+    fn a_tonic_timeout_expired_is_an_attempt_timeout() {
+        let err = Wrapper(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(failure_kind_of(&err), FailureKind::AttemptTimeout);
+    }
+
+    #[test]
+    fn a_tower_timeout_elapsed_is_an_attempt_timeout() {
+        let err = Wrapper(Box::new(tower::timeout::error::Elapsed::new()));
+        assert_eq!(failure_kind_of(&err), FailureKind::AttemptTimeout);
+    }
+
+    #[test]
+    fn a_type_whose_name_only_begins_with_a_known_name_is_not_recognised() {
+        #[derive(Debug)]
+        struct ConnectErrorCount(#[allow(dead_code)] u32);
+        impl fmt::Display for ConnectErrorCount {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("connect errors")
+            }
+        }
+        impl Error for ConnectErrorCount {}
+
+        let err = Wrapper(Box::new(ConnectErrorCount(3)));
+        assert_eq!(failure_kind_of(&err), FailureKind::Transport);
     }
 
     #[test]
