@@ -255,15 +255,19 @@ async fn a_caller_chosen_grpc_timeout_never_opens_the_breaker() {
     assert_eq!(after.status, StatusCode::OK, "{}", after.label());
 }
 
-#[tokio::test]
-async fn a_stalled_streamed_body_is_answered_408_and_does_not_count() {
-    // No retries: bodies stream through and the attempt timer covers them.
-    let builder = UpstreamGuardLayer::builder()
-        .attempt_timeout(Duration::from_millis(300))
+/// No retries, so request bodies stream through and the attempt timer covers
+/// them; the breaker opens on the second failure in a row.
+fn streaming(attempt_timeout: Duration) -> Builder {
+    UpstreamGuardLayer::builder()
+        .attempt_timeout(attempt_timeout)
         .deadline(Duration::from_secs(5))
         .retry(Retry::disabled())
-        .circuit_breaker(CircuitBreaker::consecutive_failures(2));
-    let (_upstream, gateway) = start(builder).await;
+        .circuit_breaker(CircuitBreaker::consecutive_failures(2))
+}
+
+#[tokio::test]
+async fn a_stalled_streamed_body_is_answered_408_and_does_not_count() {
+    let (_upstream, gateway) = start(streaming(Duration::from_millis(300))).await;
 
     for _ in 0..3 {
         let head = "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 100\r\n\r\n";
@@ -281,12 +285,7 @@ async fn a_stalled_streamed_body_is_answered_408_and_does_not_count() {
 
 #[tokio::test]
 async fn a_caller_that_leaves_mid_body_does_not_count() {
-    let builder = UpstreamGuardLayer::builder()
-        .attempt_timeout(Duration::from_secs(2))
-        .deadline(Duration::from_secs(5))
-        .retry(Retry::disabled())
-        .circuit_breaker(CircuitBreaker::consecutive_failures(2));
-    let (upstream, gateway) = start(builder).await;
+    let (upstream, gateway) = start(streaming(Duration::from_secs(2))).await;
 
     for _ in 0..3 {
         let head = "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 100\r\n\r\n";
