@@ -42,8 +42,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 use upstream_guard::{
-    CircuitBreaker, FailureKind, GuardFailure, RequestBody, ResponseBody, Retry, UpstreamGuard,
-    UpstreamGuardLayer,
+    BreakerPolicy, FailureKind, GuardFailure, RequestBody, ResponseBody, RetryPolicy,
+    UpstreamGuard, UpstreamGuardLayer,
 };
 
 /// The guarded client to the downstream API.
@@ -66,9 +66,9 @@ fn api_client() -> ApiClient {
     let guard = UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(200))
         .deadline(Duration::from_secs(1))
-        .retry(Retry::default().max_attempts(2))
+        .retry(RetryPolicy::default().max_attempts(2))
         .circuit_breaker(
-            CircuitBreaker::consecutive_failures(3).open_for(Duration::from_millis(300)),
+            BreakerPolicy::consecutive_failures(3).open_for(Duration::from_millis(300)),
         )
         .upstream_name("quotes-api")
         .build()

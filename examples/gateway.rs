@@ -79,9 +79,12 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tower::{Layer, ServiceExt};
 use tracing_subscriber::EnvFilter;
+use upstream_guard::observe::{
+    AttemptEvent, CircuitEvent, NoopObserver, RetryDeniedEvent, RetryEvent,
+};
 use upstream_guard::{
-    AttemptEvent, CircuitBreaker, CircuitEvent, ConfigError, NoopObserver, Observer, RequestBody,
-    Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard, UpstreamGuardLayer,
+    BreakerPolicy, ConfigError, Observer, RequestBody, RetryPolicy, UpstreamGuard,
+    UpstreamGuardLayer,
 };
 
 use crate::upstream::{ReservedPort, Upstream};
@@ -167,16 +170,16 @@ enum BreakerKeys {
 
 impl GuardSettings {
     /// The retry policy: `max_attempts`, a short backoff, the default budget.
-    fn retry(&self) -> Retry {
-        Retry::default()
+    fn retry(&self) -> RetryPolicy {
+        RetryPolicy::default()
             .max_attempts(self.max_attempts)
             .backoff(BACKOFF_BASE, BACKOFF_MAX)
     }
 
     /// The circuit breaker: `failure_threshold` failures in a row open it for
     /// `open_for`, doubling on each failed probe up to [`MAX_OPEN_FACTOR`] times.
-    fn breaker(&self, keys: BreakerKeys) -> CircuitBreaker {
-        let breaker = CircuitBreaker::consecutive_failures(self.failure_threshold)
+    fn breaker(&self, keys: BreakerKeys) -> BreakerPolicy {
+        let breaker = BreakerPolicy::consecutive_failures(self.failure_threshold)
             .open_for(self.open_for)
             .max_open_for(self.open_for.saturating_mul(MAX_OPEN_FACTOR));
         match keys {
@@ -191,7 +194,7 @@ impl GuardSettings {
     /// [`ConfigError`] that names the offending field.
     fn layer(
         &self,
-        retry: Retry,
+        retry: RetryPolicy,
         keys: BreakerKeys,
         upstream_name: &str,
         observer: impl Observer,

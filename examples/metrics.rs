@@ -38,7 +38,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 use upstream_guard::{
-    CircuitBreaker, MetricsObserver, RequestBody, Retry, UpstreamGuard, UpstreamGuardLayer,
+    BreakerPolicy, MetricsObserver, RequestBody, RetryPolicy, UpstreamGuard, UpstreamGuardLayer,
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -107,8 +107,8 @@ async fn run(mode: Mode) -> Result<ExitCode, Error> {
         .upstream_name("catalog")
         .attempt_timeout(Duration::from_millis(300))
         .deadline(Duration::from_secs(1))
-        .retry(Retry::default().max_attempts(3))
-        .circuit_breaker(CircuitBreaker::consecutive_failures(5).open_for(Duration::from_secs(10)))
+        .retry(RetryPolicy::default().max_attempts(3))
+        .circuit_breaker(BreakerPolicy::consecutive_failures(5).open_for(Duration::from_secs(10)))
         .observer(MetricsObserver::new())
         .build()?;
 

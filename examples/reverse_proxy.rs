@@ -64,8 +64,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 use tracing_subscriber::EnvFilter;
+use upstream_guard::breaker::BreakerSnapshot;
 use upstream_guard::{
-    BreakerHandle, BreakerSnapshot, CircuitBreaker, RequestBody, UpstreamGuard, UpstreamGuardLayer,
+    BreakerHandle, BreakerPolicy, RequestBody, UpstreamGuard, UpstreamGuardLayer,
 };
 
 const USAGE: &str = "\
@@ -114,7 +115,7 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .attempt_timeout(config.attempt_timeout)
         .deadline(config.deadline)
         .circuit_breaker(
-            CircuitBreaker::consecutive_failures(config.breaker_failures)
+            BreakerPolicy::consecutive_failures(config.breaker_failures)
                 .open_for(config.breaker_open_for)
                 .per_authority(),
         )

@@ -47,7 +47,7 @@ use gateway::{
 };
 use process::{mib, open_fds, rss_bytes, settle};
 use upstream::{refused_addr, Upstream};
-use upstream_guard::CircuitBreaker;
+use upstream_guard::BreakerPolicy;
 
 const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -147,7 +147,7 @@ async fn main() -> ExitCode {
     let layer = limits
         .builder()
         .circuit_breaker(
-            CircuitBreaker::consecutive_failures(20)
+            BreakerPolicy::consecutive_failures(20)
                 .open_for(Duration::from_millis(300))
                 .max_open_for(Duration::from_millis(600))
                 .per_key(|parts| parts.headers.get(KEY_HEADER)?.to_str().ok()),

@@ -69,9 +69,8 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 use tonic_health::pb::HealthCheckRequest;
-use upstream_guard::{
-    AttemptOutcome, Observer, Retry, RetryDeniedEvent, RetryEvent, UpstreamGuardLayer,
-};
+use upstream_guard::observe::{AttemptOutcome, RetryDeniedEvent, RetryEvent};
+use upstream_guard::{Observer, RetryPolicy, UpstreamGuardLayer};
 
 use grpc::{guarded_client, health_check, refused_addr, Faults, HealthServer};
 
@@ -93,7 +92,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 async fn normal_call() -> Result<(), Box<dyn Error>> {
     println!("(a) normal call");
     let server = HealthServer::start(Faults::default()).await;
-    let mut client = guarded_client(server.addr, &guard(Retry::default()));
+    let mut client = guarded_client(server.addr, &guard(RetryPolicy::default()));
     let started = Instant::now();
     let answer = client.check(health_check()).await?;
     println!(
@@ -109,7 +108,7 @@ async fn slow_server() -> Result<(), Box<dyn Error>> {
     println!("(b) a server that takes 2 s and ignores grpc-timeout; attempt timeout {ATTEMPT_TIMEOUT:?}, 1 attempt");
     let server =
         HealthServer::start_ignoring_deadlines(Faults::delay(Duration::from_secs(2))).await;
-    let mut client = guarded_client(server.addr, &guard(Retry::disabled()));
+    let mut client = guarded_client(server.addr, &guard(RetryPolicy::disabled()));
     let started = Instant::now();
     let status = expect_error(client.check(health_check()).await)?;
     println!(
@@ -142,7 +141,7 @@ async fn server_down() -> Result<(), Box<dyn Error>> {
 async fn grpc_timeout_propagation() -> Result<(), Box<dyn Error>> {
     println!("(d) grpc-timeout seen by the server");
     let server = HealthServer::start(Faults::default()).await;
-    let mut client = guarded_client(server.addr, &guard(Retry::default()));
+    let mut client = guarded_client(server.addr, &guard(RetryPolicy::default()));
 
     client.check(health_check()).await?;
     let mut short = tonic::Request::new(HealthCheckRequest::default());
@@ -196,7 +195,7 @@ async fn unavailable_is_retried() -> Result<(), Box<dyn Error>> {
 // ---------------------------------------------------------------------------
 
 /// The guard used in every scenario, with the given retry policy.
-fn guard(retry: Retry) -> UpstreamGuardLayer {
+fn guard(retry: RetryPolicy) -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(ATTEMPT_TIMEOUT)
         .deadline(DEADLINE)
@@ -206,8 +205,8 @@ fn guard(retry: Retry) -> UpstreamGuardLayer {
         .expect("a valid guard configuration")
 }
 
-fn quick_retry() -> Retry {
-    Retry::default()
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy::default()
         .max_attempts(3)
         .backoff(Duration::from_millis(10), Duration::from_millis(50))
 }
@@ -259,7 +258,7 @@ fn describe_timeout(value: Option<&String>) -> String {
     let Some(value) = value else {
         return "no grpc-timeout header".to_string();
     };
-    match upstream_guard::parse_grpc_timeout(value.as_bytes()) {
+    match upstream_guard::grpc::parse_grpc_timeout(value.as_bytes()) {
         Some(timeout) => format!("grpc-timeout: {value} ({timeout:?})"),
         None => format!("grpc-timeout: {value} (malformed)"),
     }

@@ -27,7 +27,7 @@ pin_project! {
     /// The request body handed to the inner service.
     ///
     /// A request whose body is small enough to replay (see
-    /// [`Retry::max_replay_body`](crate::Retry::max_replay_body)) gets a buffered copy
+    /// [`RetryPolicy::max_replay_body`](crate::RetryPolicy::max_replay_body)) gets a buffered copy
     /// on each attempt; any other body streams through exactly once, never truncated.
     ///
     /// Inner services that accept any [`Body`] (axum's `Route`, hyper-util's client

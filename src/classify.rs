@@ -149,7 +149,8 @@ impl fmt::Debug for StatusSet {
 /// - Errors: [`failure_kind_of`], and the retryable kinds of [`Classify::is_retryable`].
 ///
 /// ```
-/// use upstream_guard::{Classify, DefaultClassifier, ResponseClass};
+/// use upstream_guard::{Classify};
+/// use upstream_guard::classify::{DefaultClassifier, ResponseClass};
 /// use http::{HeaderMap, StatusCode};
 ///
 /// // Also retry 429 Too Many Requests (the breaker will count it as a failure).
@@ -244,7 +245,7 @@ impl<F> fmt::Debug for ClassifyFn<F> {
 /// [`DefaultClassifier`].
 ///
 /// ```
-/// use upstream_guard::{classify_fn, ResponseClass};
+/// use upstream_guard::classify::{classify_fn, ResponseClass};
 ///
 /// // Only 503 is a failure, and it is retryable.
 /// let classifier = classify_fn(|status: http::StatusCode, _headers: &http::HeaderMap| {

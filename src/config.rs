@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::breaker::CircuitBreaker;
+use crate::breaker::BreakerPolicy;
 use crate::layer::{Builder, ConfigError, UpstreamGuardLayer};
-use crate::retry::Retry;
+use crate::retry::RetryPolicy;
 
 /// A whole [`UpstreamGuardLayer`] configuration, as read from a config file.
 ///
@@ -80,16 +80,16 @@ pub struct GuardConfig {
     /// [`Builder::expose_error_details`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expose_error_details: Option<bool>,
-    /// The `[retry]` section (default: [`Retry::default()`]).
+    /// The `[retry]` section (default: [`RetryPolicy::default()`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryConfig>,
-    /// The `[circuit_breaker]` section (default: [`CircuitBreaker::default()`]).
+    /// The `[circuit_breaker]` section (default: [`BreakerPolicy::default()`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerConfig>,
 }
 
-/// The `[retry]` section of a [`GuardConfig`]; each key maps to a [`Retry`]
-/// setting and defaults to [`Retry::default()`]'s value.
+/// The `[retry]` section of a [`GuardConfig`]; each key maps to a [`RetryPolicy`]
+/// setting and defaults to [`RetryPolicy::default()`]'s value.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -102,10 +102,10 @@ pub struct RetryConfig {
     /// Attempts per request, the first included, 1 to 10 (default 3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// The first retry's backoff ceiling (default `25ms`); see [`Retry::backoff`].
+    /// The first retry's backoff ceiling (default `25ms`); see [`RetryPolicy::backoff`].
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub backoff_base: Option<Duration>,
-    /// The largest backoff (default `1s`); see [`Retry::backoff`].
+    /// The largest backoff (default `1s`); see [`RetryPolicy::backoff`].
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub backoff_max: Option<Duration>,
     /// `false` turns the retry budget off (default `true`); only do this when
@@ -114,29 +114,29 @@ pub struct RetryConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_enabled: Option<bool>,
     /// Retries allowed as a fraction of recent requests (default `0.2`); see
-    /// [`Retry::budget`].
+    /// [`RetryPolicy::budget`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_ratio: Option<f64>,
     /// Retries per second allowed on top of the ratio (default 10); see
-    /// [`Retry::budget`].
+    /// [`RetryPolicy::budget`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_min_per_second: Option<u32>,
     /// How long requests count toward the budget, 1 to 60 s (default `10s`); see
-    /// [`Retry::budget_window`].
+    /// [`RetryPolicy::budget_window`].
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub budget_window: Option<Duration>,
     /// The longest upstream `Retry-After` waited for (default `5s`); see
-    /// [`Retry::max_retry_after`].
+    /// [`RetryPolicy::max_retry_after`].
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub max_retry_after: Option<Duration>,
     /// The largest request body, in bytes, buffered for replay (default 65536);
-    /// see [`Retry::max_replay_body`].
+    /// see [`RetryPolicy::max_replay_body`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_replay_body: Option<usize>,
 }
 
 /// The `[circuit_breaker]` section of a [`GuardConfig`]; each key maps to a
-/// [`CircuitBreaker`] setting and defaults to [`CircuitBreaker::default()`]'s
+/// [`BreakerPolicy`] setting and defaults to [`BreakerPolicy::default()`]'s
 /// value.
 ///
 /// The trip policies are independent: `consecutive_failures` stays on (5) when
@@ -154,12 +154,12 @@ pub struct CircuitBreakerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
     /// Trips when at least this fraction (above 0, at most 1) of the calls in
-    /// `window` failed (default: off); see [`CircuitBreaker::with_failure_rate`].
+    /// `window` failed (default: off); see [`BreakerPolicy::with_failure_rate`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<f64>,
     /// Trips when at least this fraction of the calls in `window` were slower
     /// than `slow_call_threshold` (default: off); see
-    /// [`CircuitBreaker::with_slow_call_rate`].
+    /// [`BreakerPolicy::with_slow_call_rate`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_call_rate: Option<f64>,
     /// What counts as slow for `slow_call_rate` (default `1s`).
@@ -195,23 +195,23 @@ pub struct CircuitBreakerConfig {
 }
 
 /// How a config file groups requests into circuit breakers. A custom key
-/// function can only be set from code, with [`CircuitBreaker::per_key`].
+/// function can only be set from code, with [`BreakerPolicy::per_key`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum BreakerKeys {
     /// `"authority"`: one breaker per request URI authority (`host:port`); see
-    /// [`CircuitBreaker::per_authority`].
+    /// [`BreakerPolicy::per_authority`].
     Authority,
-    /// `"single"`: one breaker for every request; see [`CircuitBreaker::single`].
+    /// `"single"`: one breaker for every request; see [`BreakerPolicy::single`].
     Single,
 }
 
-/// [`CircuitBreaker::default()`]'s `min_calls`, needed to add a rate policy
+/// [`BreakerPolicy::default()`]'s `min_calls`, needed to add a rate policy
 /// without one. A unit test keeps it in step with the breaker's default.
 const DEFAULT_MIN_CALLS: u32 = 20;
 
-/// [`CircuitBreaker::default()`]'s slow-call threshold, needed to add a
+/// [`BreakerPolicy::default()`]'s slow-call threshold, needed to add a
 /// slow-call policy without one. A unit test keeps it in step.
 const DEFAULT_SLOW_CALL_THRESHOLD: Duration = Duration::from_secs(1);
 
@@ -221,7 +221,8 @@ impl GuardConfig {
     /// [`Builder::build`] checks it all.
     ///
     /// ```
-    /// use upstream_guard::{GuardConfig, NoopObserver};
+    /// use upstream_guard::{GuardConfig};
+    /// use upstream_guard::observe::{NoopObserver};
     ///
     /// let config: GuardConfig = toml::from_str(r#"deadline = "20s""#)?;
     /// let layer = config.into_builder().observer(NoopObserver).build()?;
@@ -258,11 +259,11 @@ impl GuardConfig {
 }
 
 impl RetryConfig {
-    /// The [`Retry`] policy this section describes, unvalidated (the
+    /// The [`RetryPolicy`] policy this section describes, unvalidated (the
     /// [`Builder`] checks it).
-    pub fn into_retry(self) -> Retry {
-        let defaults = Retry::default();
-        let mut retry = Retry::default();
+    pub fn into_retry(self) -> RetryPolicy {
+        let defaults = RetryPolicy::default();
+        let mut retry = RetryPolicy::default();
         if let Some(attempts) = self.max_attempts {
             retry = retry.max_attempts(attempts);
         }
@@ -273,7 +274,7 @@ impl RetryConfig {
             );
         }
         if self.budget_ratio.is_some() || self.budget_min_per_second.is_some() {
-            // `Retry::default()` has a budget; the fallbacks only matter if it
+            // `RetryPolicy::default()` has a budget; the fallbacks only matter if it
             // ever stops having one.
             let (ratio, min_per_second) = defaults
                 .budget
@@ -297,7 +298,7 @@ impl RetryConfig {
             retry = retry.max_replay_body(bytes);
         }
         if self.enabled == Some(false) {
-            // `Retry::disabled()` is exactly one attempt; keep the other values
+            // `RetryPolicy::disabled()` is exactly one attempt; keep the other values
             // so they are still validated.
             retry = retry.max_attempts(1);
         }
@@ -306,15 +307,15 @@ impl RetryConfig {
 }
 
 impl CircuitBreakerConfig {
-    /// The [`CircuitBreaker`] this section describes, unvalidated (the
+    /// The [`BreakerPolicy`] this section describes, unvalidated (the
     /// [`Builder`] checks it), or `None` when `enabled = false`. Code can add a
-    /// custom key with [`CircuitBreaker::per_key`] before handing it to
+    /// custom key with [`BreakerPolicy::per_key`] before handing it to
     /// [`Builder::circuit_breaker`].
-    pub fn into_circuit_breaker(self) -> Option<CircuitBreaker> {
+    pub fn into_circuit_breaker(self) -> Option<BreakerPolicy> {
         if self.enabled == Some(false) {
             return None;
         }
-        let mut breaker = CircuitBreaker::default();
+        let mut breaker = BreakerPolicy::default();
         if let Some(n) = self.consecutive_failures {
             breaker = breaker.with_consecutive_failures(n);
         }
@@ -380,7 +381,7 @@ mod tests {
 
     #[test]
     fn fallback_defaults_match_the_breaker_defaults() {
-        let defaults = format!("{:?}", CircuitBreaker::default());
+        let defaults = format!("{:?}", BreakerPolicy::default());
         assert!(
             defaults.contains(&format!("min_calls: {DEFAULT_MIN_CALLS},")),
             "{defaults}"
@@ -406,7 +407,7 @@ mod tests {
             max_attempts: Some(5),
             ..RetryConfig::default()
         };
-        assert_eq!(section.into_retry(), Retry::disabled());
+        assert_eq!(section.into_retry(), RetryPolicy::disabled());
 
         let section = RetryConfig {
             enabled: Some(false),

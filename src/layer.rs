@@ -8,12 +8,12 @@ use bytes::Bytes;
 use http::Response;
 use tower_layer::Layer;
 
-use crate::breaker::{BreakerHandle, Breakers, CircuitBreaker};
+use crate::breaker::{BreakerHandle, BreakerPolicy, Breakers};
 use crate::budgets::Budgets;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::failure::GuardFailure;
 use crate::observe::{NoopObserver, Observer};
-use crate::retry::Retry;
+use crate::retry::RetryPolicy;
 use crate::service::UpstreamGuard;
 
 use crate::response::FailureHook;
@@ -25,7 +25,7 @@ pub(crate) struct Shared {
     pub(crate) attempt_timeout: Duration,
     pub(crate) deadline: Duration,
     pub(crate) body_idle_timeout: Option<Duration>,
-    pub(crate) retry: Retry,
+    pub(crate) retry: RetryPolicy,
     pub(crate) upstream_name: Option<Arc<str>>,
     pub(crate) expose_error_details: bool,
     pub(crate) classifier: Box<dyn Classify>,
@@ -58,12 +58,12 @@ impl fmt::Debug for Shared {
 ///
 /// ```
 /// use std::time::Duration;
-/// use upstream_guard::{Retry, UpstreamGuardLayer};
+/// use upstream_guard::{RetryPolicy, UpstreamGuardLayer};
 ///
 /// let layer = UpstreamGuardLayer::builder()
 ///     .attempt_timeout(Duration::from_millis(800))
 ///     .deadline(Duration::from_secs(3))
-///     .retry(Retry::default().max_attempts(3))
+///     .retry(RetryPolicy::default().max_attempts(3))
 ///     .build()?;
 /// # Ok::<(), upstream_guard::ConfigError>(())
 /// ```
@@ -120,8 +120,8 @@ impl<S> Layer<S> for UpstreamGuardLayer {
 /// |---|---|---|
 /// | [`attempt_timeout`](Builder::attempt_timeout) | 5 s | three attempts fit in the deadline |
 /// | [`deadline`](Builder::deadline) | 15 s | Envoy's route timeout; below most clients' own |
-/// | [`retry`](Builder::retry) | [`Retry::default()`] | 3 attempts, jittered backoff, 20 % budget |
-/// | [`circuit_breaker`](Builder::circuit_breaker) | [`CircuitBreaker::default()`] | 5 failures in a row open it for 5 s, per upstream |
+/// | [`retry`](Builder::retry) | [`RetryPolicy::default()`] | 3 attempts, jittered backoff, 20 % budget |
+/// | [`circuit_breaker`](Builder::circuit_breaker) | [`BreakerPolicy::default()`] | 5 failures in a row open it for 5 s, per upstream |
 /// | [`classifier`](Builder::classifier) | [`DefaultClassifier`] | 5xx fail, 502/503/504 retry |
 /// | [`expose_error_details`](Builder::expose_error_details) | off | never leak internals |
 ///
@@ -131,8 +131,8 @@ pub struct Builder {
     attempt_timeout: Duration,
     deadline: Duration,
     body_idle_timeout: Option<Duration>,
-    retry: Retry,
-    circuit_breaker: Option<CircuitBreaker>,
+    retry: RetryPolicy,
+    circuit_breaker: Option<BreakerPolicy>,
     upstream_name: Option<Arc<str>>,
     expose_error_details: bool,
     classifier: Box<dyn Classify>,
@@ -146,8 +146,8 @@ impl Default for Builder {
             attempt_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(15),
             body_idle_timeout: None,
-            retry: Retry::default(),
-            circuit_breaker: Some(CircuitBreaker::default()),
+            retry: RetryPolicy::default(),
+            circuit_breaker: Some(BreakerPolicy::default()),
             upstream_name: None,
             expose_error_details: false,
             classifier: Box::new(DefaultClassifier::new()),
@@ -195,14 +195,14 @@ impl Builder {
         self
     }
 
-    /// The retry policy; [`Retry::disabled()`] turns retries off.
-    pub fn retry(mut self, retry: Retry) -> Self {
+    /// The retry policy; [`RetryPolicy::disabled()`] turns retries off.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
-    /// The circuit breaker (on by default; see [`CircuitBreaker`]).
-    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+    /// The circuit breaker (on by default; see [`BreakerPolicy`]).
+    pub fn circuit_breaker(mut self, breaker: BreakerPolicy) -> Self {
         self.circuit_breaker = Some(breaker);
         self
     }
@@ -308,7 +308,7 @@ impl Builder {
         let keys = self
             .circuit_breaker
             .as_ref()
-            .map_or(0, CircuitBreaker::keyed_capacity);
+            .map_or(0, BreakerPolicy::keyed_capacity);
         let budget = self.retry.budget.map(|config| Budgets::new(config, keys));
         let breakers = self.circuit_breaker.as_ref().map(Breakers::new);
         UpstreamGuardLayer {
@@ -336,7 +336,7 @@ const MAX_ATTEMPTS: u32 = 10;
 /// The largest body the guard will hold per request for replay.
 const MAX_REPLAY_BODY: usize = 16 * 1024 * 1024;
 
-fn validate_retry(retry: &Retry) -> Result<(), ConfigError> {
+fn validate_retry(retry: &RetryPolicy) -> Result<(), ConfigError> {
     if retry.max_attempts == 0 {
         return Err(ConfigError::new(
             "retry.max_attempts",

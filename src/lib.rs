@@ -11,15 +11,15 @@
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Full};
 //! use tower::{service_fn, Layer, ServiceExt};
-//! use upstream_guard::{CircuitBreaker, FailureKind, GuardFailure, RequestBody, Retry, UpstreamGuardLayer};
+//! use upstream_guard::{BreakerPolicy, FailureKind, GuardFailure, RequestBody, RetryPolicy, UpstreamGuardLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), upstream_guard::BoxError> {
 //! let guard = UpstreamGuardLayer::builder()
 //!     .attempt_timeout(Duration::from_millis(800))
 //!     .deadline(Duration::from_secs(3))
-//!     .retry(Retry::default().max_attempts(3))
-//!     .circuit_breaker(CircuitBreaker::consecutive_failures(5).open_for(Duration::from_secs(10)))
+//!     .retry(RetryPolicy::default().max_attempts(3))
+//!     .circuit_breaker(BreakerPolicy::consecutive_failures(5).open_for(Duration::from_secs(10)))
 //!     .build()?;
 //!
 //! // An "upstream client" whose connections are always refused.
@@ -185,42 +185,36 @@
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
 mod body;
-mod breaker;
+pub mod breaker;
 mod budgets;
 mod bulkhead;
-mod classify;
+pub mod classify;
 #[cfg(feature = "serde")]
-mod config;
+pub mod config;
 mod failure;
 mod future;
-mod grpc;
+pub mod grpc;
 mod layer;
 #[cfg(feature = "metrics")]
 pub mod metrics;
-mod observe;
+pub mod observe;
 mod replay;
 mod response;
-mod retry;
+pub mod retry;
 mod service;
 
-#[cfg(feature = "metrics")]
-pub use self::metrics::MetricsObserver;
 pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};
-pub use breaker::{BreakerHandle, BreakerMode, BreakerSnapshot, CircuitBreaker, CircuitState};
-pub use classify::{
-    classify_fn, failure_kind_of, Classify, ClassifyFn, DefaultClassifier, ResponseClass,
-};
+pub use breaker::{BreakerHandle, BreakerPolicy, CircuitState};
+pub use classify::Classify;
 #[cfg(feature = "serde")]
-pub use config::{BreakerKeys, CircuitBreakerConfig, GuardConfig, RetryConfig};
+pub use config::GuardConfig;
 pub use failure::{FailureKind, GuardFailure};
 pub use future::ResponseFuture;
-pub use grpc::{encode_grpc_timeout, parse_grpc_timeout};
 pub use layer::{Builder, ConfigError, UpstreamGuardLayer};
-pub use observe::{
-    AttemptEvent, AttemptOutcome, CircuitEvent, NoopObserver, Observer, Outcome, RejectedEvent,
-    RequestFacts, ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
-};
-pub use retry::{parse_retry_after, Retry};
+#[cfg(feature = "metrics")]
+pub use metrics::MetricsObserver;
+pub use observe::Observer;
+pub use retry::RetryPolicy;
 pub use service::UpstreamGuard;
 
 /// A type-erased error, as used throughout the tower ecosystem.

@@ -41,12 +41,12 @@
 //! |---|---|
 //! | `upstream` | the configured [`upstream_name`](crate::Builder::upstream_name), else the request's authority (`host:port`), else `unknown` |
 //! | `method` | `GET`, `HEAD`, `POST`, `PUT`, `DELETE`, `CONNECT`, `OPTIONS`, `TRACE`, `PATCH`; any other method is `other` |
-//! | `outcome` | `success`, `upstream_failure` (the upstream answered with a failure, e.g. a 5xx), or a [`FailureKind`](crate::FailureKind) name: `connect`, `transport`, `malformed_response`, `attempt_timeout`, `deadline_exceeded`, `circuit_open`, `concurrency_limited`, `request_body` (see [`Outcome::as_str`](crate::Outcome::as_str)) |
+//! | `outcome` | `success`, `upstream_failure` (the upstream answered with a failure, e.g. a 5xx), or a [`FailureKind`](crate::FailureKind) name: `connect`, `transport`, `malformed_response`, `attempt_timeout`, `deadline_exceeded`, `circuit_open`, `concurrency_limited`, `request_body` (see [`Outcome::as_str`](crate::observe::Outcome::as_str)) |
 //! | `status` | the numeric HTTP status (`200`, `503`, ...); on attempts that got no response, `none` |
 //! | `reason` (retries) | the failed attempt's status (`503`) or failure kind (`transport`, `attempt_timeout`, ...) |
-//! | `reason` (retries denied) | `budget`, `deadline`, `not_idempotent`, `body_not_replayable`, `circuit_open` (see [`RetryDenied::as_str`](crate::RetryDenied::as_str)) |
+//! | `reason` (retries denied) | `budget`, `deadline`, `not_idempotent`, `body_not_replayable`, `circuit_open` (see [`RetryDenied::as_str`](crate::observe::RetryDenied::as_str)) |
 //! | `reason` (rejections) | `circuit_open`, `concurrency_limited` |
-//! | `key` | the breaker's key (by default the request authority, see [`CircuitBreaker::per_key`](crate::CircuitBreaker::per_key)), or `default` for the breaker shared by requests without a key |
+//! | `key` | the breaker's key (by default the request authority, see [`BreakerPolicy::per_key`](crate::BreakerPolicy::per_key)), or `default` for the breaker shared by requests without a key |
 //! | `from`, `to` | `closed`, `open`, `half_open` (see [`CircuitState::as_str`](crate::CircuitState::as_str)) |
 //!
 //! # Cardinality
@@ -57,7 +57,7 @@
 //! a service calling a handful of backends, but a proxy that forwards to many
 //! hosts should use [`MetricsObserver::upstream_label`] (one fixed value) or
 //! [`MetricsObserver::without_upstream_label`]. `key` is bounded by
-//! [`CircuitBreaker::max_keys`](crate::CircuitBreaker::max_keys) at any one time,
+//! [`BreakerPolicy::max_keys`](crate::BreakerPolicy::max_keys) at any one time,
 //! but keys that come and go leave series behind in most recorders; for such
 //! proxies use [`MetricsObserver::without_circuit_key_label`] too, or key the
 //! breaker on something bounded.

@@ -21,7 +21,8 @@ use crate::failure::FailureKind;
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
-/// use upstream_guard::{Observer, ResponseEvent, Outcome};
+/// use upstream_guard::{Observer};
+/// use upstream_guard::observe::{ResponseEvent, Outcome};
 ///
 /// #[derive(Default)]
 /// struct Failures(AtomicU64);

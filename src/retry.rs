@@ -6,7 +6,7 @@
 //! - **Backoff** is exponential with *full jitter* (a uniformly random sleep between
 //!   zero and `min(max, base × 2ⁿ)`), which spreads retries from many clients
 //!   instead of synchronising them. An upstream `Retry-After` (seconds or HTTP-date)
-//!   replaces the backoff, capped by [`Retry::max_retry_after`]. No sleep ever ends
+//!   replaces the backoff, capped by [`RetryPolicy::max_retry_after`]. No sleep ever ends
 //!   past the deadline: if it would, the guard stops and answers with what it has.
 //! - **Safety**: a request that may have reached the upstream is retried only if its
 //!   method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) or it carries an
@@ -18,7 +18,7 @@
 //!   times.
 //! - **Body replay**: a request body is buffered for replay only when it is
 //!   already complete in memory or declares an exact length no larger than
-//!   [`Retry::max_replay_body`]; anything else streams through once, untouched,
+//!   [`RetryPolicy::max_replay_body`]; anything else streams through once, untouched,
 //!   and that request is not retried.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,23 +27,23 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, Method};
 use tokio::time::Instant;
 
-/// Retry configuration. `Retry::default()` is production-sane: 3 attempts in
+/// The retry policy. `RetryPolicy::default()` is production-sane: 3 attempts in
 /// total, 25 ms → 1 s full-jitter backoff, a 20 % retry budget with a floor of 10
 /// retries per second over a 10 s window, `Retry-After` honored up to 5 s, bodies
 /// up to 64 KiB replayed.
 ///
 /// ```
 /// use std::time::Duration;
-/// use upstream_guard::Retry;
+/// use upstream_guard::RetryPolicy;
 ///
-/// let retry = Retry::default()
+/// let retry = RetryPolicy::default()
 ///     .max_attempts(4)
 ///     .backoff(Duration::from_millis(50), Duration::from_secs(2))
 ///     .budget(0.1, 5);
 /// # let _ = upstream_guard::UpstreamGuardLayer::builder().retry(retry).build().unwrap();
 /// ```
 #[derive(Clone, Debug, PartialEq)]
-pub struct Retry {
+pub struct RetryPolicy {
     pub(crate) max_attempts: u32,
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_max: Duration,
@@ -52,7 +52,7 @@ pub struct Retry {
     pub(crate) max_replay_body: usize,
 }
 
-/// Retry budget parameters; see [`Retry::budget`].
+/// Retry budget parameters; see [`RetryPolicy::budget`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct BudgetConfig {
     pub(crate) ratio: f64,
@@ -60,9 +60,9 @@ pub(crate) struct BudgetConfig {
     pub(crate) ttl: Duration,
 }
 
-impl Default for Retry {
+impl Default for RetryPolicy {
     fn default() -> Self {
-        Retry {
+        RetryPolicy {
             max_attempts: 3,
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_secs(1),
@@ -77,13 +77,13 @@ impl Default for Retry {
     }
 }
 
-impl Retry {
+impl RetryPolicy {
     /// No retries: every request gets exactly one attempt, and bodies are never
     /// buffered.
     pub fn disabled() -> Self {
-        Retry {
+        RetryPolicy {
             max_attempts: 1,
-            ..Retry::default()
+            ..RetryPolicy::default()
         }
     }
 
@@ -618,7 +618,7 @@ mod tests {
             ) {
                 let base = Duration::from_millis(base_ms);
                 let max = base + Duration::from_millis(extra_ms);
-                let policy = Retry::default().backoff(base, max);
+                let policy = RetryPolicy::default().backoff(base, max);
                 let ceiling = backoff_ceiling(base, max, retry);
                 prop_assert!(ceiling <= max);
                 prop_assert!(ceiling >= base.min(max));

@@ -28,7 +28,7 @@ use http_body_util::{BodyExt, Full};
 use support::upstream::{refused_addr, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use upstream_guard::{Builder, CircuitBreaker, Retry, UpstreamGuardLayer};
+use upstream_guard::{BreakerPolicy, Builder, RetryPolicy, UpstreamGuardLayer};
 
 /// The longest any one exchange may take before the test calls it a hang.
 const BOUND: Duration = Duration::from_secs(10);
@@ -39,9 +39,9 @@ fn fragile() -> Builder {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_secs(2))
         .deadline(Duration::from_secs(5))
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .circuit_breaker(
-            CircuitBreaker::consecutive_failures(1)
+            BreakerPolicy::consecutive_failures(1)
                 .open_for(Duration::from_millis(200))
                 .half_open_probes(1),
         )
@@ -165,7 +165,7 @@ async fn a_client_that_never_sends_its_body_holds_no_half_open_probe() {
 async fn a_client_that_never_sends_its_body_holds_no_concurrency_permit() {
     let builder = UpstreamGuardLayer::builder()
         .deadline(Duration::from_secs(5))
-        .circuit_breaker(CircuitBreaker::default().concurrency_limit(1));
+        .circuit_breaker(BreakerPolicy::default().concurrency_limit(1));
     let (_upstream, gateway) = start(builder).await;
 
     let head = "PUT /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 10\r\n\r\n";
@@ -231,8 +231,8 @@ async fn a_caller_chosen_grpc_timeout_never_opens_the_breaker() {
     let builder = UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_secs(2))
         .deadline(Duration::from_secs(5))
-        .retry(Retry::disabled())
-        .circuit_breaker(CircuitBreaker::consecutive_failures(3));
+        .retry(RetryPolicy::disabled())
+        .circuit_breaker(BreakerPolicy::consecutive_failures(3));
     let (_upstream, gateway) = start(builder).await;
 
     for _ in 0..5 {
@@ -261,8 +261,8 @@ fn streaming(attempt_timeout: Duration) -> Builder {
     UpstreamGuardLayer::builder()
         .attempt_timeout(attempt_timeout)
         .deadline(Duration::from_secs(5))
-        .retry(Retry::disabled())
-        .circuit_breaker(CircuitBreaker::consecutive_failures(2))
+        .retry(RetryPolicy::disabled())
+        .circuit_breaker(BreakerPolicy::consecutive_failures(2))
 }
 
 #[tokio::test]
@@ -306,7 +306,7 @@ async fn a_caller_that_leaves_mid_body_does_not_count() {
 fn limited_to_one() -> Builder {
     UpstreamGuardLayer::builder()
         .deadline(Duration::from_secs(5))
-        .circuit_breaker(CircuitBreaker::default().concurrency_limit(1))
+        .circuit_breaker(BreakerPolicy::default().concurrency_limit(1))
 }
 
 #[tokio::test]
@@ -403,7 +403,7 @@ async fn a_failure_hook_that_rewrites_the_body_is_framed_by_its_length() {
     let replacement = Bytes::from(vec![b'x'; 322]);
     let body = replacement.clone();
     let builder = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .map_failure_response(move |_, response| *response.body_mut() = body.clone());
     let (_upstream, gateway) = start(builder).await;
 
@@ -418,7 +418,7 @@ async fn a_failure_hook_that_rewrites_the_body_is_framed_by_its_length() {
 async fn a_head_failure_has_no_body_even_when_the_hook_sets_one() {
     use tower::{service_fn, Layer, ServiceExt};
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .map_failure_response(|_, response| {
             *response.body_mut() = Bytes::from_static(b"a body for HEAD");
         })
@@ -473,14 +473,14 @@ async fn traffic(gateway: &Gateway, key: &str, path: &str, n: usize) {
 fn budgeted(ratio: f64, window: Duration) -> Builder {
     UpstreamGuardLayer::builder()
         .retry(
-            Retry::default()
+            RetryPolicy::default()
                 .max_attempts(2)
                 .backoff(Duration::from_millis(1), Duration::from_millis(2))
                 .budget(ratio, 0)
                 .budget_window(window),
         )
         .circuit_breaker(
-            CircuitBreaker::consecutive_failures(1_000_000)
+            BreakerPolicy::consecutive_failures(1_000_000)
                 .per_key(|parts| parts.headers.get(gateway::KEY_HEADER)?.to_str().ok()),
         )
 }

@@ -16,13 +16,14 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use support::observer::Recording;
 use tower::ServiceExt;
-use upstream_guard::{Outcome, Retry, UpstreamGuardLayer};
+use upstream_guard::observe::Outcome;
+use upstream_guard::{RetryPolicy, UpstreamGuardLayer};
 
 fn layer(observer: Recording) -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(200))
         .deadline(Duration::from_secs(1))
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .upstream_name("handlers")
         .observer(observer)
         .build()
@@ -175,8 +176,8 @@ async fn the_breaker_opens_across_every_route_of_the_layer() {
     // axum builds one service per route; they must share one breaker, or it
     // would never see enough failures to open.
     let guard = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
-        .circuit_breaker(upstream_guard::CircuitBreaker::consecutive_failures(4))
+        .retry(RetryPolicy::disabled())
+        .circuit_breaker(upstream_guard::BreakerPolicy::consecutive_failures(4))
         .build()
         .unwrap();
     let app = Router::new()
@@ -203,7 +204,7 @@ async fn the_breaker_opens_across_every_route_of_the_layer() {
 /// The README's axum snippet, kept compiling and working.
 #[tokio::test]
 async fn the_readme_axum_snippet_builds_a_working_app() {
-    use upstream_guard::{CircuitBreaker, ConfigError};
+    use upstream_guard::{BreakerPolicy, ConfigError};
 
     async fn list_orders() -> &'static str {
         "[]"
@@ -213,9 +214,9 @@ async fn the_readme_axum_snippet_builds_a_working_app() {
         let guard = UpstreamGuardLayer::builder()
             .attempt_timeout(Duration::from_millis(800))
             .deadline(Duration::from_secs(3))
-            .retry(Retry::default().max_attempts(3))
+            .retry(RetryPolicy::default().max_attempts(3))
             .circuit_breaker(
-                CircuitBreaker::consecutive_failures(5).open_for(Duration::from_secs(10)),
+                BreakerPolicy::consecutive_failures(5).open_for(Duration::from_secs(10)),
             )
             .build()?;
         Ok(Router::new()

@@ -35,7 +35,7 @@ use gateway::{
     Call, Caller, Counters, Exchange, Fault, Gateway, Limits, Sent, KEY_HEADER,
 };
 use support::upstream::{refused_addr, Upstream};
-use upstream_guard::{Builder, CircuitBreaker, CircuitState};
+use upstream_guard::{BreakerPolicy, Builder, CircuitState};
 
 /// Extra time any answer may take beyond its bound.
 const SLACK: Duration = Duration::from_millis(1500);
@@ -526,7 +526,7 @@ async fn grpc_calls_get_grpc_status_4_or_14_never_an_http_error() {
         if r.header("x-request-id") == Some("hang-300m") {
             let told = r
                 .header("grpc-timeout")
-                .and_then(|t| upstream_guard::parse_grpc_timeout(t.as_bytes()))
+                .and_then(|t| upstream_guard::grpc::parse_grpc_timeout(t.as_bytes()))
                 .expect("the upstream is told its grpc-timeout");
             assert!(told <= Duration::from_millis(300), "{told:?}");
         }
@@ -546,7 +546,7 @@ async fn no_upstream_request_is_made_while_the_breaker_is_open() {
     let open_for = Duration::from_secs(60);
     let rig = Rig::start(limits, |b| {
         b.circuit_breaker(
-            CircuitBreaker::consecutive_failures(3)
+            BreakerPolicy::consecutive_failures(3)
                 .open_for(open_for)
                 .max_open_for(open_for),
         )
@@ -700,7 +700,7 @@ async fn random_fault_mixes_keep_every_invariant() {
         ..limits()
     };
     // One breaker per fault family, in a registry small enough to evict.
-    let breaker = CircuitBreaker::consecutive_failures(5)
+    let breaker = BreakerPolicy::consecutive_failures(5)
         .open_for(Duration::from_millis(300))
         .max_open_for(Duration::from_millis(600))
         .max_keys(16)

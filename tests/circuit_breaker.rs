@@ -15,8 +15,9 @@ use http_body_util::Full;
 use support::guard::{get, guarded, request, send};
 use support::upstream::{refused_addr, Upstream};
 use tower::{service_fn, Layer, Service, ServiceExt};
+use upstream_guard::observe::CircuitEvent;
 use upstream_guard::{
-    CircuitBreaker, CircuitEvent, CircuitState, FailureKind, Observer, RequestBody, Retry,
+    BreakerPolicy, CircuitState, FailureKind, Observer, RequestBody, RetryPolicy,
     UpstreamGuardLayer,
 };
 
@@ -42,11 +43,11 @@ impl Observer for Transitions {
     }
 }
 
-fn layer(breaker: CircuitBreaker, observer: Transitions) -> UpstreamGuardLayer {
+fn layer(breaker: BreakerPolicy, observer: Transitions) -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(500))
         .deadline(Duration::from_secs(5))
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .circuit_breaker(breaker)
         .observer(observer)
         .build()
@@ -58,7 +59,7 @@ async fn consecutive_failures_trip_at_exactly_the_threshold() {
     let upstream = Upstream::start().await;
     let transitions = Transitions::default();
     let client = guarded(&layer(
-        CircuitBreaker::consecutive_failures(3),
+        BreakerPolicy::consecutive_failures(3),
         transitions.clone(),
     ));
     for _ in 0..2 {
@@ -82,7 +83,7 @@ async fn consecutive_failures_trip_at_exactly_the_threshold() {
 #[tokio::test]
 async fn an_open_breaker_answers_503_with_retry_after_and_no_upstream_call() {
     let upstream = Upstream::start().await;
-    let breaker = CircuitBreaker::consecutive_failures(1).open_for(Duration::from_secs(7));
+    let breaker = BreakerPolicy::consecutive_failures(1).open_for(Duration::from_secs(7));
     let client = guarded(&layer(breaker, Transitions::default()));
     send(&client, get(&upstream.url("/reset"))).await;
     for _ in 0..20 {
@@ -106,7 +107,7 @@ async fn an_open_breaker_answers_503_with_retry_after_and_no_upstream_call() {
 async fn an_open_breaker_answers_grpc_requests_with_unavailable() {
     let upstream = Upstream::start().await;
     let client = guarded(&layer(
-        CircuitBreaker::consecutive_failures(1),
+        BreakerPolicy::consecutive_failures(1),
         Transitions::default(),
     ));
     send(&client, get(&upstream.url("/status/503"))).await;
@@ -123,7 +124,7 @@ async fn an_open_breaker_answers_grpc_requests_with_unavailable() {
 async fn failure_rate_trips_at_exactly_the_rate_once_min_calls_are_seen() {
     let upstream = Upstream::start().await;
     let transitions = Transitions::default();
-    let breaker = CircuitBreaker::failure_rate(0.5, 10);
+    let breaker = BreakerPolicy::failure_rate(0.5, 10);
     let client = guarded(&layer(breaker, transitions.clone()));
     // 9 calls, 4 failing: too few calls to judge.
     for i in 0..9 {
@@ -143,7 +144,7 @@ async fn failure_rate_trips_at_exactly_the_rate_once_min_calls_are_seen() {
 async fn slow_call_rate_trips_on_slow_successes() {
     let upstream = Upstream::start().await;
     let transitions = Transitions::default();
-    let breaker = CircuitBreaker::slow_call_rate(1.0, Duration::from_millis(40), 3);
+    let breaker = BreakerPolicy::slow_call_rate(1.0, Duration::from_millis(40), 3);
     let client = guarded(&layer(breaker, transitions.clone()));
     for _ in 0..2 {
         let answer = send(&client, get(&upstream.url("/slow/80"))).await;
@@ -161,7 +162,7 @@ async fn slow_call_rate_trips_on_slow_successes() {
 async fn half_open_admits_exactly_n_probes_among_64_concurrent_requests() {
     const PROBES: usize = 3;
     let upstream = Upstream::start().await;
-    let breaker = CircuitBreaker::consecutive_failures(1)
+    let breaker = BreakerPolicy::consecutive_failures(1)
         .open_for(Duration::from_millis(200))
         .half_open_probes(PROBES as u32);
     let client = guarded(&layer(breaker, Transitions::default()));
@@ -189,7 +190,7 @@ async fn half_open_admits_exactly_n_probes_among_64_concurrent_requests() {
 async fn a_recovered_upstream_closes_the_breaker_through_half_open() {
     let upstream = Upstream::start().await;
     let transitions = Transitions::default();
-    let breaker = CircuitBreaker::consecutive_failures(2).open_for(Duration::from_millis(100));
+    let breaker = BreakerPolicy::consecutive_failures(2).open_for(Duration::from_millis(100));
     let guard = layer(breaker, transitions.clone());
     let client = guarded(&guard);
     for _ in 0..2 {
@@ -228,7 +229,7 @@ async fn a_recovered_upstream_closes_the_breaker_through_half_open() {
 async fn a_failed_probe_reopens_the_breaker() {
     let upstream = Upstream::start().await;
     let transitions = Transitions::default();
-    let breaker = CircuitBreaker::consecutive_failures(1)
+    let breaker = BreakerPolicy::consecutive_failures(1)
         .open_for(Duration::from_millis(100))
         .max_open_for(Duration::from_secs(10));
     let guard = layer(breaker, transitions.clone());
@@ -263,7 +264,7 @@ async fn one_dead_host_does_not_open_another_hosts_breaker() {
     let healthy = Upstream::start().await;
     let dead = format!("http://{}/ok", refused_addr());
     let guard = layer(
-        CircuitBreaker::consecutive_failures(2),
+        BreakerPolicy::consecutive_failures(2),
         Transitions::default(),
     );
     let client = guarded(&guard);
@@ -292,7 +293,7 @@ async fn one_dead_host_does_not_open_another_hosts_breaker() {
 #[tokio::test]
 async fn a_custom_key_separates_breakers() {
     let upstream = Upstream::start().await;
-    let breaker = CircuitBreaker::consecutive_failures(1)
+    let breaker = BreakerPolicy::consecutive_failures(1)
         .per_key(|req: &http::request::Parts| req.headers.get("x-tenant")?.to_str().ok());
     let client = guarded(&layer(breaker, Transitions::default()));
     let tenant = |t: &str, path: &str| {
@@ -324,7 +325,7 @@ async fn the_registry_stays_bounded_under_100k_distinct_hosts() {
         ))))
     });
     let guard = UpstreamGuardLayer::builder()
-        .circuit_breaker(CircuitBreaker::default().max_keys(256))
+        .circuit_breaker(BreakerPolicy::default().max_keys(256))
         .build()
         .unwrap();
     let mut service = guard.layer(inner);
@@ -348,7 +349,7 @@ async fn the_registry_stays_bounded_under_100k_distinct_hosts() {
 async fn forced_open_rejects_everything_and_disabled_lets_everything_through() {
     let upstream = Upstream::start().await;
     let guard = layer(
-        CircuitBreaker::consecutive_failures(1),
+        BreakerPolicy::consecutive_failures(1),
         Transitions::default(),
     );
     let client = guarded(&guard);
@@ -383,11 +384,11 @@ async fn no_retries_are_made_once_the_breaker_opens() {
     let upstream = Upstream::start().await;
     let guard = UpstreamGuardLayer::builder()
         .retry(
-            Retry::default()
+            RetryPolicy::default()
                 .max_attempts(5)
                 .backoff(Duration::from_millis(1), Duration::from_millis(2)),
         )
-        .circuit_breaker(CircuitBreaker::consecutive_failures(2))
+        .circuit_breaker(BreakerPolicy::consecutive_failures(2))
         .build()
         .unwrap();
     let answer = send(&guarded(&guard), get(&upstream.url("/status/503"))).await;
@@ -399,7 +400,7 @@ async fn no_retries_are_made_once_the_breaker_opens() {
 #[tokio::test]
 async fn the_concurrency_cap_rejects_excess_requests_at_once() {
     let upstream = Upstream::start().await;
-    let breaker = CircuitBreaker::default().concurrency_limit(2);
+    let breaker = BreakerPolicy::default().concurrency_limit(2);
     let guard = layer(breaker, Transitions::default());
     let client = guarded(&guard);
     let answers = futures_util::future::join_all(
@@ -428,7 +429,7 @@ async fn the_concurrency_cap_rejects_excess_requests_at_once() {
 #[tokio::test]
 async fn a_dropped_request_gives_back_its_probe_and_permit() {
     let upstream = Upstream::start().await;
-    let breaker = CircuitBreaker::consecutive_failures(1)
+    let breaker = BreakerPolicy::consecutive_failures(1)
         .open_for(Duration::from_millis(50))
         .concurrency_limit(1);
     let guard = layer(breaker, Transitions::default());
@@ -450,7 +451,7 @@ async fn a_dropped_request_gives_back_its_probe_and_permit() {
 #[tokio::test]
 async fn snapshots_serialize_to_json_for_health_endpoints() {
     let upstream = Upstream::start().await;
-    let breaker = CircuitBreaker::consecutive_failures(1).open_for(Duration::from_secs(30));
+    let breaker = BreakerPolicy::consecutive_failures(1).open_for(Duration::from_secs(30));
     let guard = layer(breaker, Transitions::default());
     send(&guarded(&guard), get(&upstream.url("/status/500"))).await;
     let snapshot = guard

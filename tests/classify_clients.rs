@@ -21,8 +21,9 @@ use tokio_rustls::rustls;
 use tonic::body::Body;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tower::{ServiceBuilder, ServiceExt};
+use upstream_guard::classify::failure_kind_of;
 use upstream_guard::{
-    failure_kind_of, BoxError, FailureKind, GuardFailure, RequestBody, Retry, UpstreamGuardLayer,
+    BoxError, FailureKind, GuardFailure, RequestBody, RetryPolicy, UpstreamGuardLayer,
 };
 
 /// Upper bound for any one call, so that a client that hangs fails the test
@@ -155,7 +156,7 @@ async fn a_grpc_call_whose_host_does_not_resolve_is_retried_though_it_is_a_post(
         .connect_lazy();
     let guard = UpstreamGuardLayer::builder()
         .retry(
-            Retry::default()
+            RetryPolicy::default()
                 .max_attempts(3)
                 .backoff(Duration::from_millis(5), Duration::from_millis(20)),
         )

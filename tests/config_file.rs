@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use support::guard::{get, guarded, send};
 use support::upstream::Upstream;
-use upstream_guard::{CircuitBreaker, FailureKind, GuardConfig, Retry, UpstreamGuardLayer};
+use upstream_guard::{BreakerPolicy, FailureKind, GuardConfig, RetryPolicy, UpstreamGuardLayer};
 
 /// A file that sets every key, each to a value other than its default.
 const FULL: &str = r#"
@@ -64,7 +64,7 @@ fn a_full_file_sets_every_builder_option() {
         .upstream_name("inventory")
         .expose_error_details(true)
         .retry(
-            Retry::default()
+            RetryPolicy::default()
                 .max_attempts(4)
                 .backoff(Duration::from_millis(10), Duration::from_millis(400))
                 .budget(0.35, 3)
@@ -73,7 +73,7 @@ fn a_full_file_sets_every_builder_option() {
                 .max_replay_body(1024),
         )
         .circuit_breaker(
-            CircuitBreaker::consecutive_failures(7)
+            BreakerPolicy::consecutive_failures(7)
                 .with_failure_rate(0.4, 12)
                 .with_slow_call_rate(0.9, Duration::from_millis(1500), 12)
                 .window(Duration::from_secs(45))

@@ -8,7 +8,8 @@ use http::StatusCode;
 use support::guard::{get, guarded, request, send};
 use support::observer::Recording;
 use support::upstream::Upstream;
-use upstream_guard::{FailureKind, Retry, RetryDenied, UpstreamGuardLayer};
+use upstream_guard::observe::RetryDenied;
+use upstream_guard::{FailureKind, RetryPolicy, UpstreamGuardLayer};
 
 /// Loopback is fast, but the machine is shared: allow this much scheduling slack.
 const SLACK: Duration = Duration::from_millis(1500);
@@ -19,7 +20,7 @@ async fn the_deadline_bounds_a_hanging_upstream_across_retries() {
         .attempt_timeout(Duration::from_millis(200))
         .deadline(Duration::from_millis(500))
         .retry(
-            Retry::default()
+            RetryPolicy::default()
                 .max_attempts(10)
                 .backoff(Duration::from_millis(1), Duration::from_millis(2))
                 .no_budget(),
@@ -124,7 +125,8 @@ async fn each_attempt_tells_the_grpc_upstream_what_is_left() {
         .iter()
         .map(|r| {
             let v = r.header("grpc-timeout").expect("grpc-timeout propagated");
-            upstream_guard::parse_grpc_timeout(v.as_bytes()).expect("well-formed grpc-timeout")
+            upstream_guard::grpc::parse_grpc_timeout(v.as_bytes())
+                .expect("well-formed grpc-timeout")
         })
         .collect();
     // Capped by the inbound 1 s, then by the 2 s attempt timeout.
@@ -168,7 +170,7 @@ async fn every_timed_out_attempt_is_retried_then_answered_504() {
     let layer = UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(150))
         .deadline(Duration::from_secs(3))
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .build()
         .unwrap();
     let upstream = Upstream::start().await;

@@ -8,13 +8,13 @@ use std::time::Duration;
 use http::StatusCode;
 use support::guard::{get, guarded, request, send};
 use support::upstream::{refused_addr, Upstream};
-use upstream_guard::{FailureKind, Retry, UpstreamGuardLayer};
+use upstream_guard::{FailureKind, RetryPolicy, UpstreamGuardLayer};
 
 fn no_retry() -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(300))
         .deadline(Duration::from_secs(2))
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .build()
         .unwrap()
 }
@@ -105,7 +105,7 @@ async fn deadline_exceeded_is_504() {
     let layer = UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(300))
         .deadline(Duration::from_millis(300))
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .build()
         .unwrap();
     let upstream = Upstream::start().await;
@@ -130,7 +130,7 @@ async fn upstream_5xx_passes_through_unchanged() {
 #[tokio::test]
 async fn upstream_503_after_retries_are_spent_is_the_upstreams_own() {
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .build()
         .unwrap();
     let upstream = Upstream::start().await;
@@ -237,7 +237,7 @@ async fn request_id_is_echoed_and_error_text_is_hidden() {
 #[tokio::test]
 async fn error_details_are_shown_when_opted_in() {
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .expose_error_details(true)
         .build()
         .unwrap();
@@ -250,7 +250,7 @@ async fn error_details_are_shown_when_opted_in() {
 #[tokio::test]
 async fn a_hook_can_replace_the_synthesized_response() {
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .map_failure_response(|failure, response| {
             *response =
                 http::Response::new(bytes::Bytes::from(format!("custom {}", failure.kind())));
@@ -267,7 +267,7 @@ async fn a_hook_can_replace_the_synthesized_response() {
 #[tokio::test]
 async fn a_configured_upstream_name_is_used_in_the_body() {
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .upstream_name("payments")
         .build()
         .unwrap();
@@ -280,7 +280,7 @@ async fn a_configured_upstream_name_is_used_in_the_body() {
 async fn a_stalled_body_fails_after_the_idle_timeout_instead_of_hanging() {
     use http_body_util::BodyExt;
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .body_idle_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
@@ -301,7 +301,7 @@ async fn a_stalled_body_fails_after_the_idle_timeout_instead_of_hanging() {
 #[tokio::test]
 async fn a_slow_body_that_keeps_sending_is_not_cut_off_by_the_idle_timeout() {
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .body_idle_timeout(Duration::from_millis(150))
         .build()
         .unwrap();

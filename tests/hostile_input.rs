@@ -33,9 +33,10 @@ use support::upstream::{refused_addr, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tower::{service_fn, Layer, ServiceExt};
+use upstream_guard::grpc::{encode_grpc_timeout, parse_grpc_timeout};
+use upstream_guard::retry::parse_retry_after;
 use upstream_guard::{
-    encode_grpc_timeout, parse_grpc_timeout, parse_retry_after, CircuitBreaker, FailureKind,
-    GuardFailure, RequestBody, Retry, UpstreamGuardLayer,
+    BreakerPolicy, FailureKind, GuardFailure, RequestBody, RetryPolicy, UpstreamGuardLayer,
 };
 
 fn cases(n: u32) -> Config {
@@ -218,7 +219,7 @@ fn an_idempotency_key_of_any_value_makes_a_post_safe_to_retry() {
     let layer = UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_secs(2))
         .deadline(Duration::from_secs(5))
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .no_circuit_breaker()
         .build()
         .unwrap();
@@ -255,7 +256,7 @@ fn an_idempotency_key_of_any_value_makes_a_post_safe_to_retry() {
 fn request_ids_are_echoed_as_valid_json_only_when_printable_and_short() {
     let rt = runtime();
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .no_circuit_breaker()
         .build()
         .unwrap();
@@ -298,7 +299,7 @@ fn failing_with(
     Error = Infallible,
 > + Clone {
     let layer = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
+        .retry(RetryPolicy::disabled())
         .no_circuit_breaker()
         .expose_error_details(expose)
         .build()
@@ -530,7 +531,7 @@ fn any_bytes_from_the_upstream_get_a_valid_answer_in_time() {
         .attempt_timeout(Duration::from_millis(300))
         .deadline(DEADLINE)
         .body_idle_timeout(IDLE)
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .no_circuit_breaker()
         .build()
         .unwrap();
@@ -728,7 +729,7 @@ fn settings() -> impl Strategy<Value = Settings> {
 
 impl Settings {
     fn builder(&self) -> upstream_guard::Builder {
-        let mut retry = Retry::default()
+        let mut retry = RetryPolicy::default()
             .max_attempts(self.max_attempts)
             .backoff(self.backoff.0, self.backoff.1)
             .max_retry_after(self.max_retry_after)
@@ -760,7 +761,7 @@ impl Settings {
         match &self.breaker {
             None => builder.no_circuit_breaker(),
             Some(b) => {
-                let mut breaker = CircuitBreaker::consecutive_failures(b.consecutive);
+                let mut breaker = BreakerPolicy::consecutive_failures(b.consecutive);
                 if let Some((rate, min)) = b.failure_rate {
                     breaker = breaker.with_failure_rate(rate, min);
                 }

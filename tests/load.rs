@@ -26,7 +26,7 @@ use gateway::{
 };
 use process::{mib, open_fds, proc_available, rss_bytes, settle};
 use support::upstream::{refused_addr, Upstream};
-use upstream_guard::{BreakerHandle, CircuitBreaker};
+use upstream_guard::{BreakerHandle, BreakerPolicy};
 
 /// Requests per run, and how many are in flight at once.
 const REQUESTS: u64 = 4000;
@@ -72,8 +72,8 @@ fn limits() -> Limits {
 /// One breaker per fault family that opens after `failures` in a row, with a
 /// concurrency cap high enough never to reject but present, so that every
 /// breaker counts its requests in flight.
-fn breaker(failures: u32) -> CircuitBreaker {
-    CircuitBreaker::consecutive_failures(failures)
+fn breaker(failures: u32) -> BreakerPolicy {
+    BreakerPolicy::consecutive_failures(failures)
         .open_for(Duration::from_millis(300))
         .max_open_for(Duration::from_millis(600))
         .concurrency_limit(10_000)

@@ -15,7 +15,7 @@ use http::StatusCode;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use support::guard::{get, guarded, send};
 use support::upstream::Upstream;
-use upstream_guard::{CircuitBreaker, MetricsObserver, Retry, UpstreamGuardLayer};
+use upstream_guard::{BreakerPolicy, MetricsObserver, RetryPolicy, UpstreamGuardLayer};
 
 /// Installs the Prometheus recorder once for this test binary.
 fn prometheus() -> &'static PrometheusHandle {
@@ -86,7 +86,7 @@ fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
     matching.first().map_or(0.0, |s| s.value)
 }
 
-fn layer(name: &str, retry: Retry) -> UpstreamGuardLayer {
+fn layer(name: &str, retry: RetryPolicy) -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(500))
         .deadline(Duration::from_secs(5))
@@ -102,7 +102,7 @@ fn layer(name: &str, retry: Retry) -> UpstreamGuardLayer {
 async fn successes_count_requests_attempts_and_durations() {
     prometheus();
     let upstream = Upstream::start().await;
-    let client = guarded(&layer("metrics-ok", Retry::default()));
+    let client = guarded(&layer("metrics-ok", RetryPolicy::default()));
     for _ in 0..3 {
         let answer = send(&client, get(&upstream.url("/ok"))).await;
         assert_eq!(answer.status, StatusCode::OK);
@@ -162,7 +162,10 @@ async fn successes_count_requests_attempts_and_durations() {
 async fn retried_failures_count_each_attempt_and_retry() {
     prometheus();
     let upstream = Upstream::start().await;
-    let client = guarded(&layer("metrics-503", Retry::default().max_attempts(3)));
+    let client = guarded(&layer(
+        "metrics-503",
+        RetryPolicy::default().max_attempts(3),
+    ));
     let answer = send(&client, get(&upstream.url("/status/503"))).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     let answer = send(&client, get(&upstream.url("/reset"))).await;
@@ -225,7 +228,10 @@ async fn a_spent_budget_counts_as_a_denied_retry() {
     prometheus();
     let upstream = Upstream::start().await;
     // No ratio and no floor: the budget never allows a retry.
-    let client = guarded(&layer("metrics-budget", Retry::default().budget(0.0, 0)));
+    let client = guarded(&layer(
+        "metrics-budget",
+        RetryPolicy::default().budget(0.0, 0),
+    ));
     let answer = send(&client, get(&upstream.url("/status/502"))).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     let up = ("upstream", "metrics-budget");
@@ -255,8 +261,8 @@ async fn an_open_circuit_counts_rejections_and_sets_the_gauge() {
     let layer = UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(500))
         .deadline(Duration::from_secs(5))
-        .retry(Retry::disabled())
-        .circuit_breaker(CircuitBreaker::consecutive_failures(2).open_for(Duration::from_secs(30)))
+        .retry(RetryPolicy::disabled())
+        .circuit_breaker(BreakerPolicy::consecutive_failures(2).open_for(Duration::from_secs(30)))
         .observer(MetricsObserver::new())
         .build()
         .expect("valid layer");
@@ -305,7 +311,7 @@ async fn an_open_circuit_counts_rejections_and_sets_the_gauge() {
 async fn the_exposition_has_help_lines_and_no_paths() {
     prometheus();
     let upstream = Upstream::start().await;
-    let client = guarded(&layer("metrics-hygiene", Retry::default()));
+    let client = guarded(&layer("metrics-hygiene", RetryPolicy::default()));
     send(&client, get(&upstream.url("/status/404?secret=1"))).await;
     let text = prometheus().render();
     assert!(

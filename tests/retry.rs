@@ -14,13 +14,14 @@ use support::guard::{get, guarded, request, send, HttpClient};
 use support::observer::Recording;
 use support::upstream::{refused_addr, Upstream};
 use tower::{Layer, ServiceExt};
-use upstream_guard::{FailureKind, RequestBody, Retry, RetryDenied, UpstreamGuardLayer};
+use upstream_guard::observe::RetryDenied;
+use upstream_guard::{FailureKind, RequestBody, RetryPolicy, UpstreamGuardLayer};
 
-fn fast_retry() -> Retry {
-    Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(10))
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(10))
 }
 
-fn layer_with(retry: Retry, observer: Recording) -> UpstreamGuardLayer {
+fn layer_with(retry: RetryPolicy, observer: Recording) -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(500))
         .deadline(Duration::from_secs(5))
@@ -32,7 +33,7 @@ fn layer_with(retry: Retry, observer: Recording) -> UpstreamGuardLayer {
 
 /// For tests that hammer a failing upstream on purpose: without a breaker, only
 /// the retry policy limits the load.
-fn layer_without_breaker(retry: Retry, observer: Recording) -> UpstreamGuardLayer {
+fn layer_without_breaker(retry: RetryPolicy, observer: Recording) -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(500))
         .deadline(Duration::from_secs(5))
@@ -238,7 +239,7 @@ async fn a_malformed_response_is_not_retried_by_default() {
 #[tokio::test]
 async fn max_attempts_one_never_retries() {
     let upstream = Upstream::start().await;
-    let client = guarded(&layer_with(Retry::disabled(), Recording::default()));
+    let client = guarded(&layer_with(RetryPolicy::disabled(), Recording::default()));
     send(&client, get(&upstream.url("/status/503"))).await;
     assert_eq!(upstream.count("/status/503"), 1);
 }
@@ -247,7 +248,7 @@ async fn max_attempts_one_never_retries() {
 async fn backoff_sleeps_grow_but_stay_under_the_cap() {
     let upstream = Upstream::start().await;
     let observer = Recording::default();
-    let retry = Retry::default()
+    let retry = RetryPolicy::default()
         .max_attempts(5)
         .backoff(Duration::from_millis(2), Duration::from_millis(5))
         .no_budget();

@@ -9,7 +9,8 @@ use support::guard::{get, guarded, send};
 use support::observer::Recording;
 use support::upstream::Upstream;
 use tower::Layer;
-use upstream_guard::{Retry, RetryDenied, UpstreamGuardLayer};
+use upstream_guard::observe::RetryDenied;
+use upstream_guard::{RetryPolicy, UpstreamGuardLayer};
 
 #[tokio::test]
 async fn clones_of_the_layer_and_service_report_to_one_observer() {
@@ -39,7 +40,7 @@ async fn clones_spend_one_retry_budget() {
     let observer = Recording::default();
     let layer = UpstreamGuardLayer::builder()
         .retry(
-            Retry::default()
+            RetryPolicy::default()
                 .backoff(Duration::from_millis(1), Duration::from_millis(2))
                 .budget(0.0, 1)
                 .budget_window(Duration::from_secs(1)),

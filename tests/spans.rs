@@ -8,12 +8,12 @@ use http::StatusCode;
 use support::guard::{get, guarded, send};
 use support::spans::Recorder;
 use support::upstream::{refused_addr, Upstream};
-use upstream_guard::{CircuitBreaker, Retry, UpstreamGuardLayer};
+use upstream_guard::{BreakerPolicy, RetryPolicy, UpstreamGuardLayer};
 
 fn layer() -> UpstreamGuardLayer {
     UpstreamGuardLayer::builder()
         .attempt_timeout(Duration::from_millis(300))
-        .retry(Retry::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
+        .retry(RetryPolicy::default().backoff(Duration::from_millis(1), Duration::from_millis(5)))
         .build()
         .unwrap()
 }
@@ -106,8 +106,8 @@ async fn transitions_are_warn_events_and_the_span_has_the_circuit_state() {
     let _installed = recorder.install();
     let upstream = Upstream::start().await;
     let guard = UpstreamGuardLayer::builder()
-        .retry(Retry::disabled())
-        .circuit_breaker(CircuitBreaker::consecutive_failures(1))
+        .retry(RetryPolicy::disabled())
+        .circuit_breaker(BreakerPolicy::consecutive_failures(1))
         .build()
         .unwrap();
     let client = guarded(&guard);

@@ -12,7 +12,8 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use upstream_guard::{parse_grpc_timeout, CircuitBreaker, Retry, UpstreamGuardLayer};
+use upstream_guard::grpc::parse_grpc_timeout;
+use upstream_guard::{BreakerPolicy, RetryPolicy, UpstreamGuardLayer};
 
 use grpc::{guarded_client, health_check, refused_addr, Faults, GuardedChannel, HealthServer};
 
@@ -227,7 +228,7 @@ async fn retries_stop_at_max_attempts_with_the_servers_answer() {
 async fn an_open_circuit_answers_unavailable_without_calling_the_server() {
     let server = HealthServer::start(Faults::unavailable_first(usize::MAX)).await;
     let config = Guard {
-        breaker: CircuitBreaker::consecutive_failures(2).open_for(Duration::from_secs(30)),
+        breaker: BreakerPolicy::consecutive_failures(2).open_for(Duration::from_secs(30)),
         ..Guard::default()
     };
     let mut client = guarded_client(server.addr, &guard(&config));
@@ -273,7 +274,7 @@ async fn one_guard_keeps_a_breaker_per_server() {
     let failing = HealthServer::start(Faults::unavailable_first(usize::MAX)).await;
     let healthy = HealthServer::start(Faults::default()).await;
     let config = Guard {
-        breaker: CircuitBreaker::consecutive_failures(2).open_for(Duration::from_secs(30)),
+        breaker: BreakerPolicy::consecutive_failures(2).open_for(Duration::from_secs(30)),
         ..Guard::default()
     };
     let layer = guard(&config);
@@ -316,8 +317,8 @@ async fn one_guard_keeps_a_breaker_per_server() {
 struct Guard {
     attempt_timeout: Duration,
     deadline: Duration,
-    retry: Retry,
-    breaker: CircuitBreaker,
+    retry: RetryPolicy,
+    breaker: BreakerPolicy,
 }
 
 impl Default for Guard {
@@ -325,8 +326,8 @@ impl Default for Guard {
         Guard {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(5),
-            retry: Retry::default(),
-            breaker: CircuitBreaker::default(),
+            retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
         }
     }
 }
@@ -341,8 +342,8 @@ fn guard(config: &Guard) -> UpstreamGuardLayer {
         .expect("a valid guard configuration")
 }
 
-fn quick_retry(max_attempts: u32) -> Retry {
-    Retry::default()
+fn quick_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy::default()
         .max_attempts(max_attempts)
         .backoff(Duration::from_millis(5), Duration::from_millis(20))
 }

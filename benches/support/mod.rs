@@ -250,7 +250,7 @@ pub enum Peer {
     ResilienceBreaker,
     /// upstream-guard, `UpstreamGuardLayer::new()`.
     Guard,
-    /// upstream-guard with `Retry::disabled()`: a diagnostic row that shows what
+    /// upstream-guard with `RetryPolicy::disabled()`: a diagnostic row that shows what
     /// keeping a request replayable costs.
     GuardNoRetry,
     /// Diagnostic: upstream-guard with `no_circuit_breaker()` (retries on).
@@ -368,7 +368,7 @@ macro_rules! with_peer {
             }
             Peer::GuardNoRetry => {
                 let layer = upstream_guard::UpstreamGuardLayer::builder()
-                    .retry(upstream_guard::Retry::disabled())
+                    .retry(upstream_guard::RetryPolicy::disabled())
                     .build()
                     .expect("valid guard config");
                 let $svc =
@@ -386,7 +386,7 @@ macro_rules! with_peer {
             }
             Peer::GuardLean => {
                 let layer = upstream_guard::UpstreamGuardLayer::builder()
-                    .retry(upstream_guard::Retry::disabled())
+                    .retry(upstream_guard::RetryPolicy::disabled())
                     .no_circuit_breaker()
                     .build()
                     .expect("valid guard config");
@@ -397,7 +397,7 @@ macro_rules! with_peer {
             Peer::GuardMaxKeys => {
                 let layer = upstream_guard::UpstreamGuardLayer::builder()
                     .circuit_breaker(
-                        upstream_guard::CircuitBreaker::default()
+                        upstream_guard::BreakerPolicy::default()
                             .max_keys($crate::support::MANY_KEYS_MAX),
                     )
                     .build()
@@ -628,7 +628,7 @@ pub fn guard_tripped() -> impl Service<
     Error = Infallible,
 > + Clone
        + Send {
-    let breaker = upstream_guard::CircuitBreaker::consecutive_failures(1)
+    let breaker = upstream_guard::BreakerPolicy::consecutive_failures(1)
         .open_for(OPEN_FOR)
         .max_open_for(OPEN_FOR);
     let layer = upstream_guard::UpstreamGuardLayer::builder()
@@ -815,8 +815,8 @@ pub fn guard_failing_keys(
 > + Clone
        + Send {
     let layer = upstream_guard::UpstreamGuardLayer::builder()
-        .retry(upstream_guard::Retry::disabled())
-        .circuit_breaker(upstream_guard::CircuitBreaker::consecutive_failures(1).max_keys(max_keys))
+        .retry(upstream_guard::RetryPolicy::disabled())
+        .circuit_breaker(upstream_guard::BreakerPolicy::consecutive_failures(1).max_keys(max_keys))
         .build()
         .expect("valid guard config");
     tower::Layer::layer(&layer, failing::<upstream_guard::RequestBody<Body>>())

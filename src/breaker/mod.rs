@@ -11,7 +11,7 @@
 //!   timeouts and 5xx.
 //! - **Per key**: one breaker per request authority (`host:port`) by default, or
 //!   per a key of your choosing, in a registry bounded by
-//!   [`max_keys`](CircuitBreaker::max_keys). Requests without a key share one
+//!   [`max_keys`](BreakerPolicy::max_keys). Requests without a key share one
 //!   breaker.
 //! - **Concurrency cap** (bulkhead): at most N requests in flight per key; more
 //!   get `503` at once.
@@ -40,7 +40,7 @@ use tenancy::{Acquired, FIRST_GENERATION};
 
 use crate::layer::ConfigError;
 
-/// Picks the breaker key of a request; see [`CircuitBreaker::per_key`].
+/// Picks the breaker key of a request; see [`BreakerPolicy::per_key`].
 type KeyFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
 
 /// How requests are grouped into breakers.
@@ -66,15 +66,15 @@ impl fmt::Debug for Keying {
 
 /// Circuit breaker configuration.
 ///
-/// `CircuitBreaker::default()` trips after 5 consecutive failures, stays open
+/// `BreakerPolicy::default()` trips after 5 consecutive failures, stays open
 /// 5 s (doubling on each repeated trip up to 60 s), lets 1 probe through when
 /// half-open, and keeps one breaker per request authority, at most 1024.
 ///
 /// ```
 /// use std::time::Duration;
-/// use upstream_guard::{CircuitBreaker, UpstreamGuardLayer};
+/// use upstream_guard::{BreakerPolicy, UpstreamGuardLayer};
 ///
-/// let breaker = CircuitBreaker::failure_rate(0.5, 20)
+/// let breaker = BreakerPolicy::failure_rate(0.5, 20)
 ///     .window(Duration::from_secs(30))
 ///     .with_consecutive_failures(10)
 ///     .open_for(Duration::from_secs(10))
@@ -83,7 +83,7 @@ impl fmt::Debug for Keying {
 /// # Ok::<(), upstream_guard::ConfigError>(())
 /// ```
 #[derive(Clone, Debug)]
-pub struct CircuitBreaker {
+pub struct BreakerPolicy {
     consecutive_failures: u32,
     failure_rate: Option<f64>,
     slow_call_rate: Option<f64>,
@@ -99,9 +99,9 @@ pub struct CircuitBreaker {
     concurrency_limit: Option<u32>,
 }
 
-impl Default for CircuitBreaker {
+impl Default for BreakerPolicy {
     fn default() -> Self {
-        CircuitBreaker {
+        BreakerPolicy {
             consecutive_failures: 5,
             failure_rate: None,
             slow_call_rate: None,
@@ -118,18 +118,18 @@ impl Default for CircuitBreaker {
     }
 }
 
-impl CircuitBreaker {
+impl BreakerPolicy {
     /// Trips after `n` consecutive failures.
     pub fn consecutive_failures(n: u32) -> Self {
-        CircuitBreaker::default().with_consecutive_failures(n)
+        BreakerPolicy::default().with_consecutive_failures(n)
     }
 
     /// Trips when at least `rate` (0–1) of the calls in the window failed, once
     /// the window holds at least `min_calls` calls.
     pub fn failure_rate(rate: f64, min_calls: u32) -> Self {
-        CircuitBreaker {
+        BreakerPolicy {
             consecutive_failures: 0,
-            ..CircuitBreaker::default()
+            ..BreakerPolicy::default()
         }
         .with_failure_rate(rate, min_calls)
     }
@@ -137,9 +137,9 @@ impl CircuitBreaker {
     /// Trips when at least `rate` (0–1) of the calls in the window took longer
     /// than `slower_than` to answer, once the window holds `min_calls` calls.
     pub fn slow_call_rate(rate: f64, slower_than: Duration, min_calls: u32) -> Self {
-        CircuitBreaker {
+        BreakerPolicy {
             consecutive_failures: 0,
-            ..CircuitBreaker::default()
+            ..BreakerPolicy::default()
         }
         .with_slow_call_rate(rate, slower_than, min_calls)
     }
@@ -150,14 +150,14 @@ impl CircuitBreaker {
         self
     }
 
-    /// Also trips on a failure rate; see [`CircuitBreaker::failure_rate`].
+    /// Also trips on a failure rate; see [`BreakerPolicy::failure_rate`].
     pub fn with_failure_rate(mut self, rate: f64, min_calls: u32) -> Self {
         self.failure_rate = Some(rate);
         self.min_calls = min_calls;
         self
     }
 
-    /// Also trips on a slow-call rate; see [`CircuitBreaker::slow_call_rate`].
+    /// Also trips on a slow-call rate; see [`BreakerPolicy::slow_call_rate`].
     pub fn with_slow_call_rate(mut self, rate: f64, slower_than: Duration, min_calls: u32) -> Self {
         self.slow_call_rate = Some(rate);
         self.slow_call_threshold = slower_than;
@@ -211,10 +211,10 @@ impl CircuitBreaker {
     /// One breaker per key chosen by `key`; `None` uses the shared breaker.
     ///
     /// ```
-    /// use upstream_guard::CircuitBreaker;
+    /// use upstream_guard::BreakerPolicy;
     ///
     /// // One breaker per tenant.
-    /// let breaker = CircuitBreaker::default()
+    /// let breaker = BreakerPolicy::default()
     ///     .per_key(|req: &http::request::Parts| req.headers.get("x-tenant")?.to_str().ok());
     /// ```
     pub fn per_key<F>(mut self, key: F) -> Self
@@ -427,7 +427,7 @@ impl Ticket {
 }
 
 impl Breakers {
-    pub(crate) fn new(config: &CircuitBreaker) -> Breakers {
+    pub(crate) fn new(config: &BreakerPolicy) -> Breakers {
         let window = nanos(config.window);
         Breakers {
             policy: config.policy(),
@@ -785,7 +785,7 @@ mod tests {
     /// Breakers with room for one key, so each new key evicts the last one,
     /// and a concurrency limit of one.
     fn one_key_one_permit() -> Breakers {
-        Breakers::new(&CircuitBreaker::default().max_keys(1).concurrency_limit(1))
+        Breakers::new(&BreakerPolicy::default().max_keys(1).concurrency_limit(1))
     }
 
     fn target_of(breakers: &Breakers, authority: &str) -> Target {

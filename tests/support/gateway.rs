@@ -41,9 +41,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::{Layer, ServiceExt};
+use upstream_guard::observe::{
+    AttemptEvent, CircuitEvent, RejectedEvent, ResponseEvent, RetryDeniedEvent, RetryEvent,
+};
 use upstream_guard::{
-    AttemptEvent, CircuitEvent, FailureKind, Observer, RejectedEvent, RequestBody, ResponseEvent,
-    Retry, RetryDeniedEvent, RetryEvent, UpstreamGuard, UpstreamGuardLayer,
+    FailureKind, Observer, RequestBody, RetryPolicy, UpstreamGuard, UpstreamGuardLayer,
 };
 
 /// The header that sends a request to the authority where nothing listens.
@@ -653,8 +655,8 @@ impl Limits {
             .retry(self.retry())
     }
 
-    pub fn retry(&self) -> Retry {
-        Retry::default()
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy::default()
             .max_attempts(self.max_attempts)
             .backoff(Duration::from_millis(5), Duration::from_millis(50))
             .max_replay_body(self.max_replay_body)
@@ -860,7 +862,7 @@ pub fn percent_decode(text: &str) -> Option<Vec<u8>> {
 }
 
 fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
-    upstream_guard::parse_grpc_timeout(value)
+    upstream_guard::grpc::parse_grpc_timeout(value)
 }
 
 // ---------------------------------------------------------------------------

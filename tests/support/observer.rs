@@ -3,10 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use upstream_guard::{
-    AttemptEvent, AttemptOutcome, Observer, Outcome, ResponseEvent, RetryDenied, RetryDeniedEvent,
-    RetryEvent,
+use upstream_guard::observe::{
+    AttemptEvent, AttemptOutcome, Outcome, ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
 };
+use upstream_guard::Observer;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Seen {
