@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::breaker::Ticket;
-use crate::layer::Shared;
+use crate::shared::Shared;
 
 /// A held concurrency permit (and anything else the ticket still holds).
 /// Dropping it gives everything back.

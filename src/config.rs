@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerPolicy;
-use crate::layer::{Builder, ConfigError, UpstreamGuardLayer};
+use crate::error::ConfigError;
+use crate::layer::{Builder, UpstreamGuardLayer};
 use crate::retry::RetryPolicy;
 
 /// A whole [`UpstreamGuardLayer`] configuration, as read from a config file.

@@ -40,7 +40,6 @@ use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
 use crate::failure::{FailureKind, GuardFailure};
 use crate::grpc;
-use crate::layer::Shared;
 use crate::observe::{
     AttemptEvent, AttemptOutcome, CircuitEvent, Outcome, RejectedEvent, RequestFacts,
     ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
@@ -48,6 +47,7 @@ use crate::observe::{
 use crate::replay::{usable_request_id, BodyBuffer, Fed, Head, Mode, ReplayBody};
 use crate::response::{synthesize, Flavor};
 use crate::retry::is_safe_to_resend;
+use crate::shared::Shared;
 use crate::BoxError;
 
 pin_project! {

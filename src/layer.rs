@@ -11,44 +11,14 @@ use tower_layer::Layer;
 use crate::breaker::{BreakerHandle, BreakerPolicy, Breakers};
 use crate::budgets::Budgets;
 use crate::classify::{Classify, DefaultClassifier};
+use crate::error::ConfigError;
 use crate::failure::GuardFailure;
 use crate::observe::{NoopObserver, Observer};
 use crate::retry::RetryPolicy;
 use crate::service::UpstreamGuard;
+use crate::shared::Shared;
 
 use crate::response::FailureHook;
-
-/// Everything every service built from one layer shares: configuration and state
-/// (budget, breakers, observer). Created once in [`Builder::build`], so that axum's
-/// per-route `Layer::layer` calls and per-request service clones all see one state.
-pub(crate) struct Shared {
-    pub(crate) attempt_timeout: Duration,
-    pub(crate) deadline: Duration,
-    pub(crate) body_idle_timeout: Option<Duration>,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) upstream_name: Option<Arc<str>>,
-    pub(crate) expose_error_details: bool,
-    pub(crate) classifier: Box<dyn Classify>,
-    pub(crate) observer: Box<dyn Observer>,
-    pub(crate) failure_hook: Option<Box<FailureHook>>,
-    pub(crate) budget: Option<Budgets>,
-    pub(crate) breakers: Option<Breakers>,
-}
-
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("attempt_timeout", &self.attempt_timeout)
-            .field("deadline", &self.deadline)
-            .field("body_idle_timeout", &self.body_idle_timeout)
-            .field("retry", &self.retry)
-            .field("upstream_name", &self.upstream_name)
-            .field("expose_error_details", &self.expose_error_details)
-            .field("budget", &self.budget)
-            .field("breakers", &self.breakers)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A [`Layer`] that wraps a service calling an upstream with timeouts, retries and
 /// failure-to-response mapping. See the [crate docs](crate) for the whole picture.
@@ -383,42 +353,3 @@ fn validate_retry(retry: &RetryPolicy) -> Result<(), ConfigError> {
     }
     Ok(())
 }
-
-/// An invalid configuration value. [`ConfigError::field`] names it the way the
-/// builder and config files do (e.g. `retry.max_attempts`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    field: &'static str,
-    message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(field: &'static str, message: impl Into<String>) -> Self {
-        ConfigError {
-            field,
-            message: message.into(),
-        }
-    }
-
-    /// The offending field.
-    pub fn field(&self) -> &'static str {
-        self.field
-    }
-
-    /// What is wrong with it.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid upstream-guard configuration: `{}` {}",
-            self.field, self.message
-        )
-    }
-}
-
-impl std::error::Error for ConfigError {}

@@ -191,6 +191,7 @@ mod bulkhead;
 pub mod classify;
 #[cfg(feature = "serde")]
 pub mod config;
+mod error;
 mod failure;
 mod future;
 pub mod grpc;
@@ -202,15 +203,17 @@ mod replay;
 mod response;
 pub mod retry;
 mod service;
+mod shared;
 
 pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};
 pub use breaker::{BreakerHandle, BreakerPolicy, CircuitState};
 pub use classify::Classify;
 #[cfg(feature = "serde")]
 pub use config::GuardConfig;
+pub use error::ConfigError;
 pub use failure::{FailureKind, GuardFailure};
 pub use future::ResponseFuture;
-pub use layer::{Builder, ConfigError, UpstreamGuardLayer};
+pub use layer::{Builder, UpstreamGuardLayer};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsObserver;
 pub use observe::Observer;

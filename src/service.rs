@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::body::{RequestBody, ResponseBody};
 use crate::breaker::{BreakerHandle, KeyCache};
 use crate::future::ResponseFuture;
-use crate::layer::Shared;
+use crate::shared::Shared;
 use crate::BoxError;
 
 /// Guards calls to an inner service that talks to an upstream.

@@ -38,7 +38,7 @@ pub(crate) use registry::{Entry, KeyCache, Keyed, Target};
 pub(crate) use state::{Admission, Policy, Record, Transition, MAX_PROBES};
 use tenancy::{Acquired, FIRST_GENERATION};
 
-use crate::layer::ConfigError;
+use crate::error::ConfigError;
 
 /// Picks the breaker key of a request; see [`BreakerPolicy::per_key`].
 type KeyFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
@@ -698,7 +698,7 @@ pub struct BreakerSnapshot {
 /// ```
 #[derive(Clone)]
 pub struct BreakerHandle {
-    shared: Arc<crate::layer::Shared>,
+    shared: Arc<crate::shared::Shared>,
 }
 
 impl fmt::Debug for BreakerHandle {
@@ -708,7 +708,7 @@ impl fmt::Debug for BreakerHandle {
 }
 
 impl BreakerHandle {
-    pub(crate) fn new(shared: Arc<crate::layer::Shared>) -> Option<BreakerHandle> {
+    pub(crate) fn new(shared: Arc<crate::shared::Shared>) -> Option<BreakerHandle> {
         shared.breakers.as_ref()?;
         Some(BreakerHandle { shared })
     }
