@@ -338,7 +338,7 @@ where
                     // Progress: the next wait starts a fresh idle period.
                     if let (Some(timeout), Some(sleep)) = (idle_timeout, idle.as_mut().as_pin_mut())
                     {
-                        sleep.reset(crate::future::later(Instant::now(), *timeout));
+                        sleep.reset(crate::clock::later(Instant::now(), *timeout));
                     }
                     Poll::Ready(
                         frame.map(|r| r.map(|f| f.map_data(into_bytes)).map_err(Into::into)),
@@ -349,7 +349,7 @@ where
                         return Poll::Pending;
                     };
                     if idle.is_none() {
-                        idle.set(Some(tokio::time::sleep_until(crate::future::later(
+                        idle.set(Some(tokio::time::sleep_until(crate::clock::later(
                             Instant::now(),
                             timeout,
                         ))));

@@ -26,6 +26,11 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// The deadline an inbound gRPC call carries in `grpc-timeout`, if valid.
+pub(crate) fn inbound_timeout(headers: &HeaderMap) -> Option<Duration> {
+    parse_grpc_timeout(headers.get(GRPC_TIMEOUT)?.as_bytes())
+}
+
 /// Parses a `grpc-timeout` value: 1 to 8 ASCII digits then one unit of `H`, `M`,
 /// `S`, `m`, `u` or `n`. Anything else is `None` (and is ignored by the guard, as the
 /// gRPC spec tells servers to do with a malformed timeout).

@@ -188,7 +188,9 @@ mod body;
 pub mod breaker;
 mod budgets;
 mod bulkhead;
+mod call;
 pub mod classify;
+mod clock;
 #[cfg(feature = "serde")]
 pub mod config;
 mod error;
@@ -200,6 +202,7 @@ mod layer;
 pub mod metrics;
 pub mod observe;
 mod replay;
+mod report;
 mod response;
 pub mod retry;
 mod service;

@@ -4,12 +4,139 @@
 //! version, headers, extensions) and, for a body small enough to replay, the bytes
 //! as one [`Bytes`] shared by every attempt (a reference-count bump, never a copy).
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
-use http_body::Frame;
+use http_body::{Body, Frame};
 
 use crate::body::{into_bytes, RequestBody};
+use crate::BoxError;
+
+/// How a request's body will be sent, decided when the request arrives.
+pub(crate) enum Plan {
+    /// Stream it through once: the request cannot be retried.
+    Stream,
+    /// The body is empty: nothing to read, always replayable.
+    Empty,
+    /// Read it first (up to the cap), to send it again on a retry.
+    Buffer(Mode),
+}
+
+impl Plan {
+    /// The plan for `body`, when retries are `possible`, with replay `cap`.
+    pub(crate) fn for_body<B: Body>(body: &B, possible: bool, cap: usize) -> Plan {
+        if !possible {
+            return Plan::Stream;
+        }
+        if body.is_end_stream() {
+            return Plan::Empty;
+        }
+        let hint = body.size_hint();
+        let cap64 = u64::try_from(cap).unwrap_or(u64::MAX);
+        match hint.exact() {
+            Some(n) if n <= cap64 => Plan::Buffer(Mode::Exact(n)),
+            Some(_) => Plan::Stream,
+            None if hint.lower() > cap64 => Plan::Stream,
+            None => Plan::Buffer(Mode::Ready),
+        }
+    }
+}
+
+/// Reading a request body to replay, before the first attempt; `S` is the
+/// ready service that will send it.
+pub(crate) struct Buffering<S, B> {
+    // Taken when the reading is over: a `Buffering` gives its output once.
+    pending: Option<(Parts, B, S)>,
+    buffer: BodyBuffer,
+}
+
+/// How reading a body for replay ended.
+pub(crate) enum Buffered<S, B> {
+    /// The whole body: sent now, and again on a retry.
+    Replayable {
+        parts: Parts,
+        service: S,
+        replay: ReplayBody,
+    },
+    /// Not replayable after all (longer than declared or than the cap, or of
+    /// unknown length and not all there yet): it streams through once, after
+    /// what was already read.
+    Stream {
+        parts: Parts,
+        service: S,
+        prefix: Bytes,
+        body: B,
+    },
+    /// The caller's body failed.
+    Failed { parts: Parts, error: BoxError },
+}
+
+impl<S, B> Buffering<S, B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn new(parts: Parts, body: B, service: S, mode: Mode, cap: usize) -> Self {
+        Buffering {
+            pending: Some((parts, body, service)),
+            buffer: BodyBuffer::new(mode, cap),
+        }
+    }
+
+    /// The request head, while the body is being read.
+    pub(crate) fn parts(&self) -> Option<&Parts> {
+        self.pending.as_ref().map(|(parts, _, _)| parts)
+    }
+
+    /// Reads what the body has ready. Once it has given its output it stays
+    /// pending, like any future polled after completion.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Buffered<S, B>> {
+        let Some((_, body, _)) = self.pending.as_mut() else {
+            return Poll::Pending;
+        };
+        let end = loop {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match self.buffer.feed(frame) {
+                    Fed::More if body.is_end_stream() => break End::Complete,
+                    Fed::More => continue,
+                    Fed::Overflow => break End::Stream,
+                },
+                Poll::Ready(Some(Err(error))) => break End::Failed(error.into()),
+                Poll::Ready(None) => break End::Complete,
+                Poll::Pending if self.buffer.mode() == Mode::Ready => break End::Stream,
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        let Some((parts, body, service)) = self.pending.take() else {
+            return Poll::Pending;
+        };
+        let buffer = std::mem::replace(&mut self.buffer, BodyBuffer::new(Mode::Ready, 0));
+        Poll::Ready(match end {
+            End::Complete => Buffered::Replayable {
+                parts,
+                service,
+                replay: buffer.finish(),
+            },
+            End::Stream => Buffered::Stream {
+                parts,
+                service,
+                prefix: buffer.into_prefix(),
+                body,
+            },
+            End::Failed(error) => Buffered::Failed { parts, error },
+        })
+    }
+}
+
+/// Why the reading loop ended.
+enum End {
+    Complete,
+    Stream,
+    Failed(BoxError),
+}
 
 /// A copy of a request's head, to rebuild the request for a retry.
 ///

@@ -27,6 +27,10 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, Method};
 use tokio::time::Instant;
 
+mod decision;
+
+pub(crate) use decision::{decide, Decision, Failed, Resend};
+
 /// The retry policy. `RetryPolicy::default()` is production-sane: 3 attempts in
 /// total, 25 ms → 1 s full-jitter backoff, a 20 % retry budget with a floor of 10
 /// retries per second over a 10 s window, `Retry-After` honored up to 5 s, bodies

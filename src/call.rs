@@ -1,0 +1,714 @@
+//! [`Call`]: one guarded request between its attempts — what it keeps to be
+//! sent again, its admission to the breaker, how each attempt is sent and
+//! judged, and the answer. The response future sequences these steps; this
+//! module does them.
+
+use std::error::Error;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::Authority;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::body::{RequestBody, ResponseBody, SendState, SendWatch};
+use crate::breaker::{Admit, KeyCache, Record, Target, Ticket};
+use crate::bulkhead::Permit;
+use crate::classify::ResponseClass;
+use crate::clock::{Clock, Times};
+use crate::failure::{FailureKind, GuardFailure};
+use crate::grpc;
+use crate::observe::{AttemptOutcome, Outcome, RequestFacts, ResponseEvent};
+use crate::replay::{usable_request_id, Buffered, Head, ReplayBody};
+use crate::report::{upstream_name, Report};
+use crate::response::{synthesize, Flavor};
+use crate::retry::{decide, is_safe_to_resend, Decision, Failed, Resend};
+use crate::shared::Shared;
+use crate::BoxError;
+
+/// Why a request is answered without (another) upstream call.
+pub(crate) struct Rejection {
+    kind: FailureKind,
+    source: Option<Arc<dyn Error + Send + Sync>>,
+    retry_after: Option<Duration>,
+}
+
+/// What a request needs to be sent again.
+struct Again<S> {
+    /// A ready clone of the inner service.
+    service: S,
+    head: Head,
+    body: ReplayBody,
+}
+
+/// What a request keeps of itself after its first attempt is sent.
+enum Kept<S> {
+    /// Nothing yet: the head is still with the body being read.
+    Nothing,
+    /// It goes once: what its events and error body name.
+    Facts {
+        authority: Option<Authority>,
+        request_id: Option<HeaderValue>,
+    },
+    /// It may be sent again: the whole head, which also names it.
+    Again(Again<S>),
+}
+
+/// The `x-request-id` header name.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+impl<S> Kept<S> {
+    fn facts(parts: &Parts) -> Self {
+        // A linear scan of a few headers is cheaper than hashing a custom name.
+        let id = parts.headers.iter().find(|(name, _)| *name == X_REQUEST_ID);
+        Kept::Facts {
+            authority: parts.uri.authority().cloned(),
+            request_id: id
+                .map(|(_, value)| value)
+                .filter(|v| usable_request_id(v))
+                .cloned(),
+        }
+    }
+
+    fn authority(&self) -> Option<&Authority> {
+        match self {
+            Kept::Nothing => None,
+            Kept::Facts { authority, .. } => authority.as_ref(),
+            Kept::Again(again) => again.head.uri().authority(),
+        }
+    }
+
+    fn request_id(&self) -> Option<HeaderValue> {
+        let id = match self {
+            Kept::Nothing => None,
+            Kept::Facts { request_id, .. } => return request_id.clone(),
+            Kept::Again(again) => again.head.header(&X_REQUEST_ID),
+        };
+        id.filter(|v| usable_request_id(v)).cloned()
+    }
+}
+
+/// How an attempt ended, with what is needed to answer with it.
+pub(crate) enum Attempted<R> {
+    Response(R, StatusCode, ResponseClass),
+    Failed(FailureKind, Option<Arc<dyn Error + Send + Sync>>),
+}
+
+impl<R> Attempted<R> {
+    fn failed(kind: FailureKind, error: BoxError) -> Self {
+        Attempted::Failed(kind, Some(Arc::from(error)))
+    }
+
+    fn outcome(&self) -> AttemptOutcome {
+        match self {
+            Attempted::Response(_, status, class) => AttemptOutcome::Response {
+                status: *status,
+                class: *class,
+            },
+            Attempted::Failed(kind, _) => AttemptOutcome::Failure(*kind),
+        }
+    }
+}
+
+/// The response the guard gives.
+pub(crate) type Guarded<B> = Response<ResponseBody<B>>;
+
+/// What trying to send an attempt gave: the attempt in flight, an attempt that
+/// could not even start, or the answer without one.
+pub(crate) enum Sending<F, A, R> {
+    Sent(F),
+    Failed(Attempted<A>),
+    Answer(R),
+}
+
+/// One guarded request: the non-pinned part of its response future.
+pub(crate) struct Call<S, B> {
+    shared: Arc<Shared>,
+    method: Method,
+    is_grpc: bool,
+    safe_to_resend: bool,
+    kept: Kept<S>,
+    /// Attempts started so far.
+    attempt: u32,
+    /// The request's breaker, found on arrival; admitted to right before the
+    /// first attempt is sent.
+    target: Option<Target>,
+    ticket: Option<Ticket>,
+    /// How far the caller got in sending a streamed body.
+    watch: Option<SendWatch>,
+    /// Which of our timeouts the `grpc-timeout` of the current attempt stands for.
+    grpc_timeout_kind: FailureKind,
+    report: Report,
+    body: PhantomData<fn() -> B>,
+}
+
+impl<S, B> Drop for Call<S, B> {
+    /// A request dropped mid-flight (the caller went away) gives back its
+    /// half-open probe and concurrency permit, and records nothing.
+    fn drop(&mut self) {
+        if let (Some(ticket), Some(breakers)) = (self.ticket.as_mut(), &self.shared.breakers) {
+            breakers.release(ticket);
+        }
+    }
+}
+
+impl<S, B, ResB> Call<S, B>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin,
+{
+    /// A request as it arrives: named, and its breaker found (not admitted).
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        parts: &Parts,
+        is_grpc: bool,
+        key_cache: &mut KeyCache,
+    ) -> Self {
+        let upstream = upstream_name(shared.upstream_name.as_deref(), parts.uri.authority());
+        let target = (shared.breakers.as_ref()).map(|b| b.target(parts, key_cache));
+        Call {
+            report: Report::new(&parts.method, upstream),
+            method: parts.method.clone(),
+            is_grpc,
+            safe_to_resend: is_safe_to_resend(&parts.method, &parts.headers),
+            kept: Kept::Nothing,
+            attempt: 0,
+            target,
+            ticket: None,
+            watch: None,
+            grpc_timeout_kind: FailureKind::AttemptTimeout,
+            body: PhantomData,
+            shared,
+        }
+    }
+
+    /// Sends the first attempt of a request whose body streams through once.
+    pub(crate) fn send_streamed(
+        &mut self,
+        inner: &mut S,
+        request: Request<B>,
+        times: &mut Times,
+    ) -> Result<S::Future, Rejection> {
+        let (parts, body) = request.into_parts();
+        self.kept = Kept::facts(&parts);
+        if let Some(rejection) = self.admit() {
+            return Err(rejection);
+        }
+        let body = self.stream(Bytes::new(), body);
+        let request = self.first_request(parts, body, times);
+        Ok(self.send(inner, request))
+    }
+
+    /// Sends the first attempt of a request without a body, keeping what a
+    /// retry needs: a ready clone of the service (the caller's copy is left a
+    /// fresh clone, to be polled ready before its next call) and the head.
+    pub(crate) fn send_empty(
+        &mut self,
+        inner: &mut S,
+        request: Request<B>,
+        times: &mut Times,
+    ) -> Result<S::Future, Rejection>
+    where
+        S: Clone,
+    {
+        let (parts, body) = request.into_parts();
+        if let Some(rejection) = self.admit() {
+            self.kept = Kept::facts(&parts);
+            return Err(rejection);
+        }
+        let clone = inner.clone();
+        let mut service = std::mem::replace(inner, clone);
+        let head = Head::copy_of(&parts);
+        let request = self.first_request(parts, RequestBody::new(body), times);
+        let future = self.send(&mut service, request);
+        let body = ReplayBody::default();
+        self.kept = Kept::Again(Again {
+            service,
+            head,
+            body,
+        });
+        Ok(future)
+    }
+
+    /// The rejection of a request whose inner service failed to become ready.
+    pub(crate) fn not_ready(&mut self, parts: &Parts, error: BoxError) -> Rejection {
+        self.kept = Kept::facts(parts);
+        Rejection {
+            kind: self.shared.classifier.error_kind(&*error),
+            source: Some(Arc::from(error)),
+            retry_after: None,
+        }
+    }
+
+    fn facts(&self) -> RequestFacts<'_> {
+        RequestFacts {
+            method: &self.method,
+            upstream: upstream_name(self.shared.upstream_name.as_deref(), self.kept.authority()),
+        }
+    }
+
+    // ----- Admission -----
+
+    /// Admits the request to its breaker and concurrency cap, right before its
+    /// first attempt is sent; the rejection if not. An admitted request pays
+    /// into its upstream's retry budget.
+    fn admit(&mut self) -> Option<Rejection> {
+        if let Some(breakers) = &self.shared.breakers {
+            let target = self.target?;
+            let (admit, transition, state) = breakers.admit(target);
+            self.report.circuit_state(state);
+            if let Some(transition) = transition {
+                let key = breakers.key_of(target);
+                let observer = &*self.shared.observer;
+                self.report.transition(observer, key.as_deref(), transition);
+            }
+            match admit {
+                Admit::Go(ticket) => self.ticket = Some(ticket),
+                Admit::Reject(kind, retry_after) => {
+                    return Some(Rejection {
+                        kind,
+                        source: None,
+                        retry_after: Some(retry_after),
+                    })
+                }
+            }
+        }
+        if let Some(budget) = self.shared.budget.as_ref().and_then(|b| b.of(self.target)) {
+            budget.deposit(Instant::now());
+        }
+        None
+    }
+
+    /// Feeds an attempt's outcome to the circuit breaker. Only the upstream's
+    /// own failures count against it (see the crate docs, "Who pays for a
+    /// failure"): not the caller's body, not a deadline the caller chose.
+    fn record_breaker(&mut self, outcome: AttemptOutcome, times: &Times) {
+        let failure = match outcome {
+            AttemptOutcome::Failure(kind) if kind.is_callers_fault() => return,
+            AttemptOutcome::Failure(FailureKind::DeadlineExceeded) if times.callers_deadline() => {
+                return
+            }
+            other => other.is_failure(),
+        };
+        let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) else {
+            return;
+        };
+        let slow = breakers.slow_threshold().is_some_and(|threshold| {
+            times
+                .attempt_started()
+                .is_some_and(|started| started.elapsed() >= threshold)
+        });
+        let target = ticket.target;
+        if let Some(transition) = breakers.record(ticket, Record { failure, slow }) {
+            let key = breakers.key_of(target);
+            let observer = &*self.shared.observer;
+            self.report.transition(observer, key.as_deref(), transition);
+        }
+    }
+
+    /// Whether the breaker lets this request be retried now (it is closed).
+    fn breaker_allows_retry(&self) -> bool {
+        match (&self.shared.breakers, &self.ticket) {
+            (Some(breakers), Some(ticket)) => breakers.allows_retry(ticket),
+            _ => true,
+        }
+    }
+
+    // ----- Sending -----
+
+    /// The caller's body to stream through once, after `prefix` (bytes already
+    /// read), watched so that a failed attempt can be blamed on the caller when
+    /// its body stalled or broke. An empty body needs no watch.
+    fn stream(&mut self, prefix: Bytes, body: B) -> RequestBody<B> {
+        let watch = (!prefix.is_empty() || !body.is_end_stream()).then(SendWatch::new);
+        self.watch.clone_from(&watch);
+        RequestBody::watched(prefix, body, watch)
+    }
+
+    /// The first attempt's request, from the original head.
+    fn first_request(
+        &mut self,
+        parts: Parts,
+        body: RequestBody<B>,
+        times: &mut Times,
+    ) -> Request<RequestBody<B>> {
+        let mut request = Request::from_parts(parts, body);
+        self.set_grpc_timeout(&mut request, times);
+        request
+    }
+
+    /// Tells a gRPC upstream how long it has, and remembers which of our
+    /// timeouts that is.
+    fn set_grpc_timeout(&mut self, request: &mut Request<RequestBody<B>>, times: &mut Times) {
+        if self.is_grpc {
+            self.grpc_timeout_kind = tell_grpc_timeout(request, times);
+        }
+    }
+
+    /// Calls the inner service for the next attempt, inside a new attempt span.
+    fn send(&mut self, service: &mut S, request: Request<RequestBody<B>>) -> S::Future {
+        self.attempt += 1;
+        self.report.attempt_started(self.attempt);
+        self.report.in_attempt(|| service.call(request))
+    }
+
+    /// Sends the first attempt of a request whose body was read for replay;
+    /// or the answer, when the body broke or the request is not admitted.
+    pub(crate) fn send_buffered(
+        &mut self,
+        buffered: Buffered<S, B>,
+        mut clock: Pin<&mut Clock>,
+    ) -> Sending<S::Future, S::Response, Guarded<ResB>> {
+        clock.as_mut().new_attempt();
+        match buffered {
+            Buffered::Failed { parts, error } => {
+                self.kept = Kept::facts(&parts);
+                let failure = self.failure(FailureKind::RequestBody, Some(Arc::from(error)));
+                Sending::Answer(self.answer(failure, clock.times().started()))
+            }
+            Buffered::Replayable {
+                parts,
+                mut service,
+                replay,
+            } => {
+                if let Some(rejection) = self.admit() {
+                    self.kept = Kept::facts(&parts);
+                    return Sending::Answer(self.reject(rejection, clock.times().started()));
+                }
+                let head = Head::copy_of(&parts);
+                let request = self.first_request(parts, replay.body(), clock.times());
+                let future = self.send(&mut service, request);
+                let body = replay;
+                self.kept = Kept::Again(Again {
+                    service,
+                    head,
+                    body,
+                });
+                Sending::Sent(future)
+            }
+            Buffered::Stream {
+                parts,
+                mut service,
+                prefix,
+                body,
+            } => {
+                self.kept = Kept::facts(&parts);
+                if let Some(rejection) = self.admit() {
+                    return Sending::Answer(self.reject(rejection, clock.times().started()));
+                }
+                let body = self.stream(prefix, body);
+                let request = self.first_request(parts, body, clock.times());
+                Sending::Sent(self.send(&mut service, request))
+            }
+        }
+    }
+
+    /// Waits for the current attempt: its response, its error, or its timeout.
+    pub(crate) fn poll_attempt(
+        &mut self,
+        future: Pin<&mut S::Future>,
+        mut clock: Pin<&mut Clock>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Attempted<S::Response>> {
+        let polled = self.report.in_attempt(|| future.poll(cx));
+        Poll::Ready(match polled {
+            Poll::Ready(Ok(response)) => match self.upstream_deadline_exceeded(&response) {
+                // The upstream ran out of the grpc-timeout we gave it: our
+                // timer, firing at the upstream.
+                Some(kind) => Attempted::Failed(kind, None),
+                None => {
+                    let status = response.status();
+                    let classifier = &self.shared.classifier;
+                    let class = classifier.classify_response(status, response.headers());
+                    Attempted::Response(response, status, class)
+                }
+            },
+            Poll::Ready(Err(error)) => {
+                let error: BoxError = error.into();
+                // An inner timer run from the grpc-timeout we sent fired with
+                // ours: that is our timeout, not a broken connection.
+                let kind = (clock.times().timed_out())
+                    .unwrap_or_else(|| self.shared.classifier.error_kind(&*error));
+                Attempted::failed(self.blame(kind), error)
+            }
+            Poll::Pending => {
+                ready!(clock.as_mut().poll_attempt(cx));
+                let times = clock.times();
+                let kind = times.timed_out().unwrap_or(FailureKind::AttemptTimeout);
+                Attempted::Failed(self.blame(kind), None)
+            }
+        })
+    }
+
+    /// For a gRPC attempt answered `DEADLINE_EXCEEDED` (trailers-only): which
+    /// of our timeouts that is. We told the upstream how long it had, so its
+    /// deadline is ours, and it tends to fire a hair before our own timer.
+    fn upstream_deadline_exceeded(&self, response: &Response<ResB>) -> Option<FailureKind> {
+        if !self.is_grpc {
+            return None;
+        }
+        let status = response.headers().get(grpc::GRPC_STATUS)?;
+        (status.as_bytes() == b"4").then_some(self.grpc_timeout_kind)
+    }
+
+    /// The kind of an attempt's failure, blamed on the caller when its body was
+    /// the cause: it broke (400), or it was still arriving when the attempt's
+    /// time ran out (408).
+    fn blame(&self, kind: FailureKind) -> FailureKind {
+        let sent = self
+            .watch
+            .as_ref()
+            .map_or(SendState::Sent, SendWatch::state);
+        match sent {
+            SendState::Failed => FailureKind::RequestBody,
+            SendState::Sending if kind.is_timeout() => FailureKind::RequestBodyTimeout,
+            _ => kind,
+        }
+    }
+
+    // ----- Retrying -----
+
+    /// Records an attempt's end and decides: `None` to retry (the clock is set
+    /// for the backoff), or the response.
+    pub(crate) fn after_attempt(
+        &mut self,
+        attempted: Attempted<S::Response>,
+        mut clock: Pin<&mut Clock>,
+    ) -> Option<Guarded<ResB>> {
+        let outcome = attempted.outcome();
+        let times = clock.as_mut().times();
+        let observer = &*self.shared.observer;
+        let started = times.attempt_started();
+        self.report
+            .attempt_ended(observer, self.facts(), self.attempt, outcome, started);
+        self.record_breaker(outcome, times);
+        let retryable = match outcome {
+            AttemptOutcome::Response { class, .. } => class.is_retryable(),
+            AttemptOutcome::Failure(kind) => self.shared.classifier.is_retryable(kind),
+        };
+        if !retryable {
+            // The common case, a success, reads no clock.
+            return Some(self.finish(attempted, times));
+        }
+        let failed = Failed {
+            retryable,
+            never_sent: matches!(outcome, AttemptOutcome::Failure(k) if k.request_never_sent()),
+            attempts: self.attempt,
+            retry_after: retry_after_asked(&attempted, self.shared.retry.max_retry_after),
+        };
+        let request = Resend {
+            safe: self.safe_to_resend,
+            replayable: matches!(self.kept, Kept::Again(_)),
+        };
+        let (now, deadline) = (Instant::now(), times.deadline());
+        let (budgets, target) = (&self.shared.budget, self.target);
+        let withdraw = |now| {
+            // No budget configured: retries are free. A request whose budget
+            // slot went to another key cannot pay.
+            budgets
+                .as_ref()
+                .is_none_or(|b| b.of(target).is_some_and(|b| b.withdraw(now)))
+        };
+        let breaker_closed = self.breaker_allows_retry();
+        let policy = &self.shared.retry;
+        let observer = &*self.shared.observer;
+        match decide(
+            policy,
+            failed,
+            request,
+            breaker_closed,
+            now,
+            deadline,
+            withdraw,
+        ) {
+            Decision::Retry(backoff) => {
+                (self.report).retry(observer, self.facts(), self.attempt, outcome, backoff);
+                clock.sleep(backoff);
+                None
+            }
+            Decision::Deny(reason) => {
+                (self.report).retry_denied(observer, self.facts(), self.attempt, reason);
+                Some(self.finish(attempted, clock.times()))
+            }
+            Decision::Stop => Some(self.finish(attempted, clock.times())),
+        }
+    }
+
+    /// After a backoff: waits for the service to be ready (within the
+    /// deadline) and sends the next attempt.
+    pub(crate) fn poll_resend(
+        &mut self,
+        mut clock: Pin<&mut Clock>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Sending<S::Future, S::Response, Guarded<ResB>>> {
+        let breaker_closed = self.breaker_allows_retry();
+        let Kept::Again(again) = &mut self.kept else {
+            // Broken invariant (see the module docs): answer, never hang.
+            debug_assert!(false, "a retry without what a resend needs");
+            let failure = self.failure(FailureKind::Transport, None);
+            let started = clock.times().started();
+            return Poll::Ready(Sending::Answer(self.answer(failure, started)));
+        };
+        let answer = match again.service.poll_ready(cx) {
+            Poll::Pending => {
+                ready!(clock.as_mut().poll_deadline(cx));
+                self.failure(FailureKind::DeadlineExceeded, None)
+            }
+            Poll::Ready(Err(error)) => {
+                // The attempt could not even start: it counts as one.
+                self.attempt += 1;
+                let error: BoxError = error.into();
+                let kind = self.shared.classifier.error_kind(&*error);
+                return Poll::Ready(Sending::Failed(Attempted::failed(kind, error)));
+            }
+            Poll::Ready(Ok(())) if !breaker_closed => {
+                // The breaker opened while we slept: do not add load.
+                let failure = self.failure(FailureKind::CircuitOpen, None);
+                failure.with_retry_after(Some(Duration::from_secs(1)))
+            }
+            Poll::Ready(Ok(())) => {
+                let last = self.attempt + 1 >= self.shared.retry.max_attempts;
+                let mut request = again.head.request(again.body.body(), last);
+                clock.as_mut().new_attempt();
+                if self.is_grpc {
+                    self.grpc_timeout_kind = tell_grpc_timeout(&mut request, clock.times());
+                }
+                self.attempt += 1;
+                self.report.attempt_started(self.attempt);
+                let future = self.report.in_attempt(|| again.service.call(request));
+                return Poll::Ready(Sending::Sent(future));
+            }
+        };
+        let started = clock.times().started();
+        Poll::Ready(Sending::Answer(self.answer(answer, started)))
+    }
+
+    // ----- Answering -----
+
+    /// The final response from the last attempt's outcome.
+    fn finish(&mut self, attempted: Attempted<S::Response>, times: &Times) -> Guarded<ResB> {
+        match attempted {
+            Attempted::Response(response, status, class) => {
+                let outcome = if class.is_failure() {
+                    Outcome::UpstreamFailure
+                } else {
+                    Outcome::Success
+                };
+                self.responded(status, outcome, times.started());
+                let idle = self.shared.body_idle_timeout;
+                let permit = self.permit_for_body();
+                response.map(|body| ResponseBody::guarded(body, idle, permit))
+            }
+            Attempted::Failed(kind, source) => {
+                let failure = self.failure(kind, source);
+                self.answer(failure, times.started())
+            }
+        }
+    }
+
+    /// The concurrency permit to carry in the response body, which then holds
+    /// it until the upstream's work is over.
+    fn permit_for_body(&mut self) -> Option<Permit> {
+        let ticket = self.ticket.take_if(|ticket| ticket.permit)?;
+        Some(Permit::new(self.shared.clone(), ticket))
+    }
+
+    /// The answer for a request that was not let through.
+    pub(crate) fn reject(
+        &mut self,
+        rejection: Rejection,
+        started: Option<Instant>,
+    ) -> Guarded<ResB> {
+        if let Some(retry_after) = rejection.retry_after {
+            let observer = &*self.shared.observer;
+            Report::rejected(observer, self.facts(), rejection.kind, retry_after);
+        }
+        let failure = self.failure(rejection.kind, rejection.source);
+        self.answer(failure.with_retry_after(rejection.retry_after), started)
+    }
+
+    /// The failure for a body that was still being read for replay when the
+    /// deadline passed.
+    pub(crate) fn body_timed_out(
+        &mut self,
+        parts: Option<&Parts>,
+        started: Option<Instant>,
+    ) -> Guarded<ResB> {
+        if let Some(parts) = parts {
+            self.kept = Kept::facts(parts);
+        }
+        let failure = self.failure(FailureKind::RequestBodyTimeout, None);
+        self.answer(failure, started)
+    }
+
+    fn failure(
+        &self,
+        kind: FailureKind,
+        source: Option<Arc<dyn Error + Send + Sync>>,
+    ) -> GuardFailure {
+        let failure = GuardFailure::new(kind, self.attempt)
+            .with_request_id(self.kept.request_id())
+            .with_source(source);
+        match &self.shared.upstream_name {
+            Some(name) => failure.with_upstream(Some(name.clone())),
+            None => failure.with_authority(self.kept.authority().cloned()),
+        }
+    }
+
+    /// Synthesizes the response for a failure (the user's hook included) and
+    /// records it. Whatever the request held is given back first.
+    fn answer(&mut self, failure: GuardFailure, started: Option<Instant>) -> Guarded<ResB> {
+        if let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) {
+            breakers.release(ticket);
+        }
+        let flavor = Flavor {
+            is_head: self.method == Method::HEAD,
+            is_grpc: self.is_grpc,
+            expose_details: self.shared.expose_error_details,
+        };
+        let hook = self.shared.failure_hook.as_deref();
+        let response = synthesize(&failure, flavor, hook);
+        self.responded(response.status(), Outcome::Failure(failure.kind()), started);
+        response.map(ResponseBody::full)
+    }
+
+    fn responded(&self, status: StatusCode, outcome: Outcome, started: Option<Instant>) {
+        let event = ResponseEvent {
+            request: self.facts(),
+            status,
+            outcome,
+            attempts: self.attempt,
+            started,
+        };
+        self.report.response(&*self.shared.observer, event);
+    }
+}
+
+/// Tells a gRPC upstream in `grpc-timeout` how long it has; which of our
+/// timeouts that stands for.
+fn tell_grpc_timeout<B>(request: &mut Request<B>, times: &mut Times) -> FailureKind {
+    let (left, kind) = times.grpc_timeout();
+    let value = grpc::encode_grpc_timeout(left);
+    request.headers_mut().insert(grpc::GRPC_TIMEOUT, value);
+    kind
+}
+
+/// How long the upstream asked to wait before a retry (`Retry-After` on its
+/// response), capped.
+fn retry_after_asked<R>(attempted: &Attempted<Response<R>>, cap: Duration) -> Option<Duration> {
+    let Attempted::Response(response, _, _) = attempted else {
+        return None;
+    };
+    let value = response.headers().get(http::header::RETRY_AFTER)?;
+    let asked = crate::retry::parse_retry_after(value.as_bytes(), std::time::SystemTime::now())?;
+    Some(asked.min(cap))
+}
