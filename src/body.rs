@@ -9,8 +9,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +19,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::bulkhead::Permit;
+use crate::watch::{SendState, SendWatch};
 use crate::BoxError;
 
 pin_project! {
@@ -179,45 +178,6 @@ where
             RequestInner::Replay { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-        }
-    }
-}
-
-/// How far the caller got in sending a streamed request body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SendState {
-    /// Still arriving.
-    Sending,
-    /// Sent to the end.
-    Sent,
-    /// The caller's body failed (it broke its length, or the caller went away).
-    Failed,
-}
-
-/// Shared between a streamed request body and its response future, so that a
-/// failed attempt can be blamed on whoever caused it: an attempt that timed out
-/// while the caller was still sending its body is the caller's doing, not the
-/// upstream's.
-///
-/// One small allocation per request whose body streams through (never for
-/// empty or buffered bodies, which the guard reads itself).
-#[derive(Clone, Debug)]
-pub(crate) struct SendWatch(Arc<AtomicU8>);
-
-impl SendWatch {
-    pub(crate) fn new() -> SendWatch {
-        SendWatch(Arc::new(AtomicU8::new(SendState::Sending as u8)))
-    }
-
-    fn set(&self, state: SendState) {
-        self.0.store(state as u8, Ordering::Release);
-    }
-
-    pub(crate) fn state(&self) -> SendState {
-        match self.0.load(Ordering::Acquire) {
-            x if x == SendState::Sent as u8 => SendState::Sent,
-            x if x == SendState::Failed as u8 => SendState::Failed,
-            _ => SendState::Sending,
         }
     }
 }

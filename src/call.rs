@@ -19,7 +19,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::body::{RequestBody, ResponseBody, SendState, SendWatch};
+use crate::body::{RequestBody, ResponseBody};
 use crate::breaker::{Admit, KeyCache, Record, Target, Ticket};
 use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
@@ -32,6 +32,7 @@ use crate::report::{upstream_name, Report};
 use crate::response::{synthesize, Flavor};
 use crate::retry::{decide, is_safe_to_resend, Decision, Failed, Resend};
 use crate::shared::Shared;
+use crate::watch::{SendState, SendWatch};
 use crate::BoxError;
 
 /// Why a request is answered without (another) upstream call.

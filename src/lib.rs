@@ -207,6 +207,7 @@ mod response;
 pub mod retry;
 mod service;
 mod shared;
+mod watch;
 
 pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};
 pub use breaker::{BreakerHandle, BreakerPolicy, CircuitState};
