@@ -50,7 +50,7 @@
 //! port). Run with `--help` for every flag; `RUST_LOG=upstream_guard=debug` logs
 //! the guard's retries, with their request spans, on stderr.
 
-#[path = "../tests/support/upstream.rs"]
+#[path = "../../tests/support/upstream.rs"]
 mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet};
