@@ -49,9 +49,9 @@ async fn start_proxy_with(upstream: &str, flags: &[&str]) -> ExampleProcess {
     GATEWAY.start(&args).await
 }
 
-/// An answer's status, headers (but `date`, which differs by the second) and
-/// body: what two proxies must agree on to pass a response through alike.
-fn pass_through(answer: &Answer) -> (StatusCode, Vec<(String, Vec<u8>)>, &[u8]) {
+/// An answer's headers but `date` (which differs by the second), in order:
+/// what two proxies must agree on to pass a response through alike.
+fn comparable_headers(answer: &Answer) -> Vec<(String, Vec<u8>)> {
     let mut headers: Vec<(String, Vec<u8>)> = answer
         .headers
         .iter()
@@ -59,7 +59,7 @@ fn pass_through(answer: &Answer) -> (StatusCode, Vec<(String, Vec<u8>)>, &[u8]) 
         .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
         .collect();
     headers.sort();
-    (answer.status, headers, &answer.body)
+    headers
 }
 
 #[tokio::test]
@@ -213,12 +213,12 @@ async fn without_the_guard_healthy_responses_pass_through_as_with_it() {
         let with = get(&guarded.url(path)).await;
         let without = get(&unguarded.url(path)).await;
         assert_eq!(with.status, without.status, "{path}");
-        assert!(
-            pass_through(&with) == pass_through(&without),
-            "{path}: {:?} differs from {:?}",
-            with.headers,
-            without.headers
+        assert_eq!(
+            comparable_headers(&with),
+            comparable_headers(&without),
+            "{path}"
         );
+        assert!(with.body == without.body, "{path}: the bodies differ");
     }
 }
 
