@@ -1,5 +1,6 @@
 //! A guarded reverse proxy: an axum gateway that forwards every request to an
-//! upstream through a hyper-util client wrapped in [`UpstreamGuardLayer`].
+//! upstream through a hyper-util client wrapped in
+//! [`UpstreamGuardLayer`](upstream_guard::UpstreamGuardLayer).
 //!
 //! The guard gives each attempt a timeout, the whole request a deadline, retries
 //! what is safe to retry (within a retry budget), stops calling an upstream that
