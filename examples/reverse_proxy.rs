@@ -30,16 +30,24 @@
 //!
 //! ## What the proxy does to each request
 //!
-//! - removes hop-by-hop headers (`Connection`, `Keep-Alive`, `TE`, `Upgrade`, …,
-//!   and every header `Connection` names), in both directions;
+//! The URI and headers are rewritten by the helper every proxy here shares
+//! (`examples/common/proxy.rs`, which documents its choices):
+//!
+//! - removes hop-by-hop headers (`Connection`, `Keep-Alive`, `TE`, `Upgrade`,
+//!   `Proxy-Authorization`, …, and every header `Connection` names), in both
+//!   directions;
 //! - sets `Host` to the upstream's authority, appends the client's IP to
-//!   `X-Forwarded-For`, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`;
+//!   `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto` and
+//!   `X-Forwarded-Host`;
 //! - streams the request and response bodies (nothing is collected; the guard
 //!   buffers only small bodies of known length, so that it can retry them);
 //! - answers `/_guard/breakers` itself with the routes and each upstream's
 //!   breaker state as JSON (a breaker appears once its upstream got a request).
 //!
 //! Upgrades (WebSocket) are not proxied.
+
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::error::Error;
 use std::io::IsTerminal;
@@ -51,9 +59,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::{StatusCode, Uri, Version};
+use axum::http::header::{self, HeaderMap};
+use axum::http::uri::{Authority, InvalidUri, PathAndQuery, Scheme};
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -68,6 +76,8 @@ use upstream_guard::breaker::BreakerSnapshot;
 use upstream_guard::{
     BreakerHandle, BreakerPolicy, RequestBody, UpstreamGuard, UpstreamGuardLayer,
 };
+
+use crate::proxy::Target;
 
 const USAGE: &str = "\
 usage: reverse_proxy [--listen ADDR] --route [HOST]PREFIX=URL [--route ...]
@@ -175,85 +185,33 @@ struct Proxy {
 /// failure is already a `502`/`503`/`504` problem+json response), so neither
 /// does this.
 async fn forward(
-    State(proxy): State<Arc<Proxy>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(gateway): State<Arc<Proxy>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
-    let Some(route) = pick_route(&proxy.routes, &parts.headers, &parts.uri) else {
+    let Some(route) = pick_route(&gateway.routes, &parts.headers, &parts.uri) else {
         return (StatusCode::NOT_FOUND, "no route for this request\n").into_response();
     };
-    let Ok(uri) = route.upstream_uri(&parts.uri) else {
-        return (StatusCode::BAD_REQUEST, "cannot map this path upstream\n").into_response();
+    let Ok(path) = route.upstream_path(&parts.uri) else {
+        return cannot_map();
     };
-    let original_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| a.as_str().parse().ok()));
+    if proxy::forward_request(&mut parts, &route.target, path, client).is_err() {
+        return cannot_map();
+    }
 
-    strip_hop_by_hop(&mut parts.headers);
-    set_forwarded(&mut parts.headers, peer, original_host);
-    parts.headers.insert(header::HOST, route.host.clone());
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-
-    let Ok(response) = proxy
+    let Ok(response) = gateway
         .client
         .clone()
         .oneshot(Request::from_parts(parts, body))
         .await;
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    // The upstream's HTTP version is its own connection's business, not ours.
-    parts.version = Version::HTTP_11;
+    proxy::forward_response(&mut parts);
     Response::from_parts(parts, Body::new(body))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Removes hop-by-hop headers, including every header `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_str(token.trim()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP.map(HeaderName::from_static)) {
-        headers.remove(name);
-    }
-}
-
-/// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host`.
-fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
-    const FOR: &str = "x-forwarded-for";
-    let client = peer.ip().to_string();
-    let chain = match headers.get(FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client}"),
-        None => client,
-    };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert(FOR, value);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    match host {
-        Some(host) => headers.insert("x-forwarded-host", host),
-        None => headers.remove("x-forwarded-host"),
-    };
+fn cannot_map() -> Response {
+    (StatusCode::BAD_REQUEST, "cannot map this path upstream\n").into_response()
 }
 
 // ---------------------------------------------------------------------------
@@ -266,11 +224,10 @@ struct Route {
     /// Only for requests with this `Host` (lowercase, no port), if set.
     host_match: Option<String>,
     prefix: String,
-    authority: Authority,
+    /// The upstream.
+    target: Target,
     /// Replaces `prefix` in the forwarded path, if the URL had a path.
     rewrite: Option<String>,
-    /// The upstream's `Host` header.
-    host: HeaderValue,
     url: String,
 }
 
@@ -301,14 +258,13 @@ impl FromStr for Route {
         let has_path = url
             .split_once("://")
             .is_some_and(|(_, rest)| rest.contains('/'));
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| format!("route `{spec}`: bad host: {e}"))?;
+        let target =
+            Target::new(authority).map_err(|e| format!("route `{spec}`: bad host: {e}"))?;
         Ok(Route {
             host_match,
             prefix: prefix.to_string(),
             rewrite: has_path.then(|| uri.path().to_string()),
-            authority,
-            host,
+            target,
             url: url.to_string(),
         })
     }
@@ -323,8 +279,9 @@ impl Route {
         }
     }
 
-    /// The request's URI on this route's upstream, with the prefix rewritten.
-    fn upstream_uri(&self, original: &Uri) -> Result<Uri, axum::http::Error> {
+    /// The request's path and query for this route's upstream, with the prefix
+    /// rewritten.
+    fn upstream_path(&self, original: &Uri) -> Result<PathAndQuery, InvalidUri> {
         let path = original.path();
         let path = match (&self.rewrite, path.strip_prefix(&self.prefix)) {
             (Some(base), Some(rest)) => join_path(base, rest),
@@ -334,11 +291,7 @@ impl Route {
             Some(query) => format!("{path}?{query}"),
             None => path,
         };
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(PathAndQuery::try_from(path_and_query)?)
-            .build()
+        PathAndQuery::try_from(path_and_query)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Runs the built `gateway` example (`examples/gateway.rs`) in demo mode, reads
+//! Runs the built `gateway` example (`examples/gateway/`) in demo mode, reads
 //! its report, and checks the story that the example's docs and the README tell:
 //! what each scenario gets, and that the `down` upstream comes back and its
 //! circuit closes. The demo's timing is real, so these tests assert the story

@@ -1,5 +1,6 @@
-//! Runs the built `gateway` example (`examples/gateway.rs`) in proxy mode in front
-//! of the fault upstream, and checks what it answers over real HTTP.
+//! Runs the built `gateway` example (`examples/gateway/`) in proxy mode in front
+//! of the fault upstream, guarded and with `--no-guard`, and checks what it
+//! answers over real HTTP.
 //!
 //! `cargo test` builds examples into `target/<profile>/examples/`; when running
 //! only this test (`cargo test --test gateway_example`), build the example first
@@ -13,8 +14,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use support::example_process::{get, send, Example, ExampleProcess};
-use support::upstream::{refused_addr, Upstream};
+use support::example_process::{get, send, Answer, Example, ExampleProcess};
+use support::upstream::{refused_addr, Recorded, Upstream};
 
 const GATEWAY: Example = Example("gateway");
 /// The guard settings every proxy in these tests runs with.
@@ -24,18 +25,41 @@ const DEADLINE_MS: u64 = 800;
 /// Starts the example in proxy mode in front of `upstream` and waits for it to
 /// listen; dropping it kills the process.
 async fn start_proxy(upstream: &str) -> ExampleProcess {
-    GATEWAY
-        .start(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream,
-            "--attempt-timeout-ms",
-            &ATTEMPT_TIMEOUT_MS.to_string(),
-            "--deadline-ms",
-            &DEADLINE_MS.to_string(),
-        ])
-        .await
+    start_proxy_with(upstream, &[]).await
+}
+
+/// The same proxy without the guard (`--no-guard`), with the same settings.
+async fn start_unguarded_proxy(upstream: &str) -> ExampleProcess {
+    start_proxy_with(upstream, &["--no-guard"]).await
+}
+
+async fn start_proxy_with(upstream: &str, flags: &[&str]) -> ExampleProcess {
+    let (attempt_timeout, deadline) = (ATTEMPT_TIMEOUT_MS.to_string(), DEADLINE_MS.to_string());
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--attempt-timeout-ms",
+        &attempt_timeout,
+        "--deadline-ms",
+        &deadline,
+    ];
+    args.extend(flags);
+    GATEWAY.start(&args).await
+}
+
+/// An answer's headers but `date` (which differs by the second), in order:
+/// what two proxies must agree on to pass a response through alike.
+fn comparable_headers(answer: &Answer) -> Vec<(String, Vec<u8>)> {
+    let mut headers: Vec<(String, Vec<u8>)> = answer
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+        .collect();
+    headers.sort();
+    headers
 }
 
 #[tokio::test]
@@ -87,6 +111,43 @@ async fn forwards_to_the_upstream_host_without_hop_by_hop_headers() {
 }
 
 #[tokio::test]
+async fn proxy_credentials_are_not_forwarded() {
+    let upstream = Upstream::start().await;
+    let proxy = start_proxy(&upstream.url("")).await;
+
+    let request = Request::get(proxy.url("/ok"))
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    assert_eq!(send(request).await.status, StatusCode::OK);
+
+    let seen = only_request(&upstream);
+    assert_eq!(seen.header("proxy-authorization"), None);
+}
+
+#[tokio::test]
+async fn the_upstream_sees_the_caller_appended_to_x_forwarded_for() {
+    let upstream = Upstream::start().await;
+    let proxy = start_proxy(&upstream.url("")).await;
+
+    let request = Request::get(proxy.url("/ok"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .body(Full::new(Bytes::new()))
+        .expect("valid request");
+    assert_eq!(send(request).await.status, StatusCode::OK);
+
+    let seen = only_request(&upstream);
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    let proxy_host = proxy.addr().to_string();
+    assert_eq!(seen.header("x-forwarded-host"), Some(proxy_host.as_str()));
+}
+
+#[tokio::test]
 async fn a_refused_upstream_answers_502_problem_json() {
     let proxy = start_proxy(&format!("http://{}", refused_addr())).await;
 
@@ -116,12 +177,97 @@ async fn a_hanging_upstream_answers_504_within_the_deadline() {
 }
 
 #[tokio::test]
+async fn without_the_guard_a_refused_upstream_gets_the_proxys_own_plain_502() {
+    let refused = format!("http://{}", refused_addr());
+    let (guarded, unguarded) = (
+        start_proxy(&refused).await,
+        start_unguarded_proxy(&refused).await,
+    );
+
+    let plain = get(&unguarded.url("/anything")).await;
+    let problem = get(&guarded.url("/anything")).await;
+
+    assert_eq!(plain.status, StatusCode::BAD_GATEWAY);
+    let content_type = |answer: &Answer| answer.headers.get("content-type").cloned();
+    assert_eq!(
+        content_type(&plain).as_ref().map(|v| v.as_bytes()),
+        Some(&b"text/plain; charset=utf-8"[..])
+    );
+    assert_eq!(plain.body, "bad gateway\n");
+    assert_eq!(
+        problem.problem()["type"],
+        "urn:upstream-guard:problem:connect"
+    );
+    assert_ne!(content_type(&plain), content_type(&problem));
+}
+
+#[tokio::test]
+async fn without_the_guard_healthy_responses_pass_through_as_with_it() {
+    let upstream = Upstream::start().await;
+    let (guarded, unguarded) = (
+        start_proxy(&upstream.url("")).await,
+        start_unguarded_proxy(&upstream.url("")).await,
+    );
+
+    for path in ["/ok", "/status/404", "/big/200000", "/stream/3/20"] {
+        let with = get(&guarded.url(path)).await;
+        let without = get(&unguarded.url(path)).await;
+        assert_eq!(with.status, without.status, "{path}");
+        assert_eq!(
+            comparable_headers(&with),
+            comparable_headers(&without),
+            "{path}"
+        );
+        assert!(with.body == without.body, "{path}: the bodies differ");
+    }
+}
+
+#[tokio::test]
+async fn without_the_guard_the_upstream_sees_the_same_request() {
+    let upstream = Upstream::start().await;
+    let (guarded, unguarded) = (
+        start_proxy(&upstream.url("")).await,
+        start_unguarded_proxy(&upstream.url("")).await,
+    );
+
+    for proxy in [&guarded, &unguarded] {
+        let request = Request::get(proxy.url("/echo?x=1"))
+            .header("connection", "x-hop")
+            .header("x-hop", "for this connection only")
+            .header("x-forwarded-for", "203.0.113.7")
+            // The same public name for both, as behind one load balancer.
+            .header("host", "public.example")
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        assert_eq!(send(request).await.status, StatusCode::OK);
+    }
+
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let comparable = |i: usize| (&seen[i].method, &seen[i].path, &seen[i].headers);
+    assert_eq!(comparable(0), comparable(1));
+}
+
+#[tokio::test]
 async fn an_unknown_flag_exits_2_with_usage() {
     let output = GATEWAY.run_to_exit(&["--bogus"]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
     assert!(stderr.contains("--bogus"), "stderr:\n{stderr}");
-    assert!(stderr.contains("usage:"), "stderr:\n{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("usage:"),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn no_guard_without_an_upstream_exits_2_naming_what_is_missing() {
+    let output = GATEWAY.run_to_exit(&["--no-guard"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("required"), "stderr:\n{stderr}");
+    assert!(stderr.contains("--listen"), "stderr:\n{stderr}");
+    assert!(stderr.contains("--upstream"), "stderr:\n{stderr}");
 }
 
 #[tokio::test]
@@ -130,4 +276,30 @@ async fn a_zero_attempt_timeout_exits_2_naming_the_field() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
     assert!(stderr.contains("attempt_timeout"), "stderr:\n{stderr}");
+}
+
+#[tokio::test]
+async fn a_zero_attempt_timeout_exits_2_with_no_guard_too() {
+    let upstream = format!("http://{}", refused_addr());
+    let output = GATEWAY
+        .run_to_exit(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--no-guard",
+            "--attempt-timeout-ms",
+            "0",
+        ])
+        .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("attempt_timeout"), "stderr:\n{stderr}");
+}
+
+/// The one request an upstream received.
+fn only_request(upstream: &Upstream) -> Recorded {
+    let mut seen = upstream.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    seen.remove(0)
 }

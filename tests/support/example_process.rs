@@ -1,6 +1,6 @@
-//! Runs a built example (`examples/<name>.rs`) as a child process and talks to it
-//! over real HTTP: [`Example::start`] spawns it and waits for its
-//! `listening on http://ADDR` line, [`Example::run_to_exit`] and
+//! Runs a built example (`examples/<name>.rs` or `examples/<name>/main.rs`) as a
+//! child process and talks to it over real HTTP: [`Example::start`] spawns it
+//! and waits for its `listening on http://ADDR` line, [`Example::run_to_exit`] and
 //! [`Example::run_to_exit_within`] run it to its end, and [`send`] / [`get`]
 //! collect whole answers, each step bounded in time.
 //!
@@ -27,7 +27,7 @@ pub const STARTUP: Duration = Duration::from_secs(20);
 /// Upper bound for any other single step.
 pub const STEP: Duration = Duration::from_secs(10);
 
-/// A built example, by name (`gateway` for `examples/gateway.rs`).
+/// A built example, by name (`gateway` for `examples/gateway/main.rs`).
 #[derive(Clone, Copy, Debug)]
 pub struct Example(pub &'static str);
 

@@ -12,28 +12,35 @@
 //! - [`Fault`] and [`Call`]: what a request asks the upstream to do; [`verify`]
 //!   checks every answer (and what the upstream received) against [`Limits`].
 //!
+//! Its proxying (URI, hop-by-hop headers, forwarding headers, `Host`) is the
+//! helper every proxy in this repository shares, `examples/common/proxy.rs`, so
+//! what these tests check is what the examples do.
+//!
 //! Self-contained (it does not use the other support modules) so that
 //! `examples/soak.rs` can include it with `#[path]`, like `upstream.rs`. It is
 //! deliberately not declared in `support/mod.rs`: the tests that use it include
 //! it themselves.
 #![allow(dead_code)]
 
+// Relative to this file's directory, whichever crate includes it.
+#[path = "../../examples/common/proxy.rs"]
+mod proxy;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::{Method, Request, Response, StatusCode, Uri, Version};
+use axum::extract::{ConnectInfo, State};
+use axum::http::header::{self, HeaderMap};
+use axum::http::{Method, Request, Response, StatusCode};
 use axum::Router;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -47,6 +54,8 @@ use upstream_guard::observe::{
 use upstream_guard::{
     FailureKind, Observer, RequestBody, RetryPolicy, UpstreamGuard, UpstreamGuardLayer,
 };
+
+use self::proxy::Target;
 
 /// The header that sends a request to the authority where nothing listens.
 pub const ROUTE_HEADER: &str = "x-chaos-upstream";
@@ -67,8 +76,8 @@ pub const UPSTREAM_NAME: &str = "fault-upstream";
 pub type UpstreamClient = Client<HttpConnector, RequestBody<Body>>;
 
 struct Routes {
-    upstream: RwLock<Authority>,
-    refused: Authority,
+    upstream: RwLock<Target>,
+    refused: Target,
     client: UpstreamGuard<UpstreamClient>,
 }
 
@@ -90,11 +99,11 @@ impl Gateway {
             .pool_max_idle_per_host(POOL_IDLE)
             .build_http::<RequestBody<Body>>();
         let routes = Arc::new(Routes {
-            upstream: RwLock::new(upstream.parse().expect("upstream authority")),
-            refused: refused.parse().expect("refused authority"),
+            upstream: RwLock::new(target(upstream)),
+            refused: target(refused),
             client: layer.layer(client),
         });
-        let router = Router::new().fallback(proxy).with_state(routes.clone());
+        let router = Router::new().fallback(forward).with_state(routes.clone());
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("gateway: bind 127.0.0.1:0");
@@ -123,10 +132,10 @@ impl Gateway {
 
     /// Sends requests to another upstream from now on (the soak rotates them).
     pub fn set_upstream(&self, authority: &str) {
-        let authority = authority.parse().expect("upstream authority");
+        let upstream = target(authority);
         match self.routes.upstream.write() {
-            Ok(mut current) => *current = authority,
-            Err(poisoned) => *poisoned.into_inner() = authority,
+            Ok(mut current) => *current = upstream,
+            Err(poisoned) => *poisoned.into_inner() = upstream,
         }
     }
 
@@ -144,6 +153,11 @@ impl Gateway {
     pub fn layer(&self) -> &UpstreamGuardLayer {
         &self.layer
     }
+}
+
+/// The proxy target for `127.0.0.1:PORT` (a test's own address: it is valid).
+fn target(authority: &str) -> Target {
+    Target::new(authority.parse().expect("an upstream authority")).expect("a valid Host value")
 }
 
 impl Drop for Gateway {
@@ -172,12 +186,19 @@ async fn serve(
     loop {
         tokio::select! {
             incoming = listener.accept() => match incoming {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     accepted.fetch_add(1, Ordering::SeqCst);
                     open.fetch_add(1, Ordering::SeqCst);
                     let guard = OpenGuard(open.clone());
-                    let service = TowerToHyperService::new(router.clone());
+                    // What `into_make_service_with_connect_info` would do: the
+                    // handler learns the caller's address (for X-Forwarded-For).
+                    let service = TowerToHyperService::new(router.clone().map_request(
+                        move |mut request: Request<Incoming>| {
+                            request.extensions_mut().insert(ConnectInfo(peer));
+                            request
+                        },
+                    ));
                     connections.spawn(async move {
                         let _guard = guard;
                         let _ = hyper::server::conn::http1::Builder::new()
@@ -193,40 +214,32 @@ async fn serve(
     }
 }
 
-/// Forwards a request; the guard turns every failure into a response.
-async fn proxy(State(routes): State<Arc<Routes>>, request: Request<Body>) -> Response<Body> {
+/// Forwards a request with the shared proxy helper; the guard turns every
+/// failure into a response.
+async fn forward(
+    State(routes): State<Arc<Routes>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: Request<Body>,
+) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
     let refused = parts
         .headers
         .get(ROUTE_HEADER)
         .is_some_and(|v| v == "refused");
     parts.headers.remove(ROUTE_HEADER);
-    let authority = if refused {
+    let target = if refused {
         routes.refused.clone()
     } else {
         match routes.upstream.read() {
-            Ok(authority) => authority.clone(),
+            Ok(target) => target.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     };
-    let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    parts.uri = match Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority.clone())
-        .path_and_query(path)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(_) => {
-            let mut response = Response::new(Body::from("bad request target"));
-            *response.status_mut() = StatusCode::BAD_REQUEST;
-            return response;
-        }
-    };
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-        parts.headers.insert(header::HOST, host);
+    let path_and_query = proxy::path_and_query(&parts.uri);
+    if proxy::forward_request(&mut parts, &target, path_and_query, client).is_err() {
+        let mut response = Response::new(Body::from("bad request target"));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        return response;
     }
     let Ok(response) = routes
         .client
@@ -234,33 +247,8 @@ async fn proxy(State(routes): State<Arc<Routes>>, request: Request<Body>) -> Res
         .oneshot(Request::from_parts(parts, body))
         .await;
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    proxy::forward_response(&mut parts);
     Response::from_parts(parts, Body::new(body))
-}
-
-/// Headers about one connection, not the message (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_str(t.trim()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
 }
 
 // ---------------------------------------------------------------------------
