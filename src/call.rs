@@ -26,8 +26,9 @@ use crate::classify::ResponseClass;
 use crate::clock::{Clock, Times};
 use crate::failure::{FailureKind, GuardFailure};
 use crate::grpc;
+use crate::head::Head;
 use crate::observe::{AttemptOutcome, Outcome, RequestFacts, ResponseEvent};
-use crate::replay::{usable_request_id, Buffered, Head, ReplayBody};
+use crate::replay::{usable_request_id, Buffered, ReplayBody};
 use crate::report::{upstream_name, Report};
 use crate::response::{synthesize, Flavor};
 use crate::retry::{decide, is_safe_to_resend, Decision, Failed, Resend};
@@ -79,21 +80,28 @@ impl<S> Kept<S> {
         }
     }
 
-    fn authority(&self) -> Option<&Authority> {
+    fn authority(&self) -> Option<&str> {
         match self {
             Kept::Nothing => None,
-            Kept::Facts { authority, .. } => authority.as_ref(),
-            Kept::Again(again) => again.head.uri().authority(),
+            Kept::Facts { authority, .. } => authority.as_ref().map(Authority::as_str),
+            Kept::Again(again) => again.head.authority(),
+        }
+    }
+
+    fn authority_owned(&self) -> Option<Authority> {
+        match self {
+            Kept::Nothing => None,
+            Kept::Facts { authority, .. } => authority.clone(),
+            Kept::Again(again) => again.head.authority_owned(),
         }
     }
 
     fn request_id(&self) -> Option<HeaderValue> {
-        let id = match self {
+        match self {
             Kept::Nothing => None,
-            Kept::Facts { request_id, .. } => return request_id.clone(),
-            Kept::Again(again) => again.head.header(&X_REQUEST_ID),
-        };
-        id.filter(|v| usable_request_id(v)).cloned()
+            Kept::Facts { request_id, .. } => request_id.clone(),
+            Kept::Again(again) => again.head.header(&X_REQUEST_ID).filter(usable_request_id),
+        }
     }
 }
 
@@ -174,7 +182,8 @@ where
         is_grpc: bool,
         key_cache: &mut KeyCache,
     ) -> Self {
-        let upstream = upstream_name(shared.upstream_name.as_deref(), parts.uri.authority());
+        let authority = parts.uri.authority().map(Authority::as_str);
+        let upstream = upstream_name(shared.upstream_name.as_deref(), authority);
         let target = (shared.breakers.as_ref()).map(|b| b.target(parts, key_cache));
         Call {
             report: Report::new(&parts.method, upstream),
@@ -661,7 +670,7 @@ where
             .with_source(source);
         match &self.shared.upstream_name {
             Some(name) => failure.with_upstream(Some(name.clone())),
-            None => failure.with_authority(self.kept.authority().cloned()),
+            None => failure.with_authority(self.kept.authority_owned()),
         }
     }
 

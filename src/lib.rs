@@ -197,6 +197,7 @@ mod error;
 mod failure;
 mod future;
 pub mod grpc;
+mod head;
 mod layer;
 #[cfg(feature = "metrics")]
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! What the guard keeps of a request so it can send it again.
+//! Reading a request body so it can be sent again.
 //!
 //! The guard never clones a whole `Request`: it keeps the head (method, URI,
 //! version, headers, extensions) and, for a body small enough to replay, the bytes
@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
 
 use crate::body::{into_bytes, RequestBody};
@@ -136,123 +136,6 @@ enum End {
     Complete,
     Stream,
     Failed(BoxError),
-}
-
-/// A copy of a request's head, to rebuild the request for a retry.
-///
-/// The headers are kept as a flat list, not a `HeaderMap`: pushing clones onto a
-/// recycled list costs no hashing and no allocation, and the map is only built
-/// again when a retry actually happens.
-#[derive(Debug)]
-pub(crate) struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    extensions: Extensions,
-}
-
-impl Head {
-    pub(crate) fn copy_of(parts: &Parts) -> Head {
-        Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: header_pool::copy_of(&parts.headers),
-            extensions: parts.extensions.clone(),
-        }
-    }
-
-    /// The request URI.
-    pub(crate) fn uri(&self) -> &Uri {
-        &self.uri
-    }
-
-    /// The first value of a header.
-    pub(crate) fn header(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
-    }
-
-    /// Builds a request for another attempt. `last` moves the extensions out
-    /// instead of cloning them, for the final attempt.
-    pub(crate) fn request<B>(
-        &mut self,
-        body: RequestBody<B>,
-        last: bool,
-    ) -> Request<RequestBody<B>> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        let headers = request.headers_mut();
-        headers.reserve(self.headers.len());
-        for (name, value) in &self.headers {
-            headers.append(name.clone(), value.clone());
-        }
-        *request.extensions_mut() = if last {
-            std::mem::take(&mut self.extensions)
-        } else {
-            self.extensions.clone()
-        };
-        request
-    }
-}
-
-impl Drop for Head {
-    /// Most requests never retry: their header list goes back to the pool for
-    /// the next request, so keeping it cost no allocation.
-    fn drop(&mut self) {
-        header_pool::recycle(std::mem::take(&mut self.headers));
-    }
-}
-
-/// A small per-thread pool of header lists for [`Head`] copies.
-///
-/// Copying a request's headers for a possible retry would otherwise allocate per
-/// request. A recycled list is cleared but keeps its capacity, so refilling it
-/// allocates nothing. The pool is per thread (no lock, no contention) and bounded
-/// in count and in each list's size, so it never holds much memory.
-mod header_pool {
-    use std::cell::RefCell;
-
-    use http::{HeaderMap, HeaderName, HeaderValue};
-
-    type List = Vec<(HeaderName, HeaderValue)>;
-
-    /// Lists kept per thread.
-    const MAX_LISTS: usize = 32;
-    /// Longer lists are not kept: one huge request must not pin memory.
-    const MAX_CAPACITY: usize = 128;
-
-    thread_local! {
-        static POOL: RefCell<Vec<List>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub(super) fn copy_of(source: &HeaderMap) -> List {
-        let mut list = POOL
-            .try_with(|pool| pool.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        list.reserve(source.len());
-        list.extend(source.iter().map(|(n, v)| (n.clone(), v.clone())));
-        list
-    }
-
-    pub(super) fn recycle(mut list: List) {
-        if list.capacity() == 0 || list.capacity() > MAX_CAPACITY {
-            return;
-        }
-        list.clear();
-        // During thread teardown the pool may be gone: then the list just drops.
-        let _ = POOL.try_with(|pool| {
-            if let Ok(mut pool) = pool.try_borrow_mut() {
-                if pool.len() < MAX_LISTS {
-                    pool.push(list);
-                }
-            }
-        });
-    }
 }
 
 /// A buffered request body, sent again on each attempt.
@@ -452,31 +335,6 @@ mod tests {
         buf.feed(Frame::<Bytes>::trailers(t));
         let replay = buf.finish();
         assert_eq!(replay.trailers.unwrap()["x-sum"], "1");
-    }
-
-    #[test]
-    fn a_head_copy_keeps_every_header_value_in_order() {
-        let mut request = Request::builder()
-            .method("PUT")
-            .uri("http://example.test/a?b=c")
-            .header("x-one", "1")
-            .header("set-cookie", "a")
-            .header("set-cookie", "b")
-            .body(())
-            .unwrap();
-        request.extensions_mut().insert(7u8);
-        let (parts, ()) = request.into_parts();
-        for _ in 0..3 {
-            // Recycled maps must come back empty: no header may leak across requests.
-            let mut head = Head::copy_of(&parts);
-            let copy = head.request(RequestBody::<()>::replay(Bytes::new(), None), false);
-            assert_eq!(copy.method(), "PUT");
-            assert_eq!(copy.uri(), "http://example.test/a?b=c");
-            assert_eq!(copy.headers(), &parts.headers);
-            let cookies: Vec<_> = copy.headers().get_all("set-cookie").iter().collect();
-            assert_eq!(cookies, ["a", "b"]);
-            assert_eq!(copy.extensions().get::<u8>(), Some(&7));
-        }
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use http::uri::Authority;
 use http::Method;
 use tokio::time::Instant;
 use tracing::Span;
@@ -221,7 +220,7 @@ impl Report {
 /// one, else the request's authority.
 pub(crate) fn upstream_name<'a>(
     configured: Option<&'a str>,
-    authority: Option<&'a Authority>,
+    authority: Option<&'a str>,
 ) -> Option<&'a str> {
-    configured.or(authority.map(Authority::as_str))
+    configured.or(authority)
 }
