@@ -64,7 +64,7 @@ impl UpstreamGuardLayer {
     /// Operator access to the circuit breakers (force open, disable, snapshots);
     /// `None` if the breaker was turned off.
     pub fn breaker_handle(&self) -> Option<BreakerHandle> {
-        BreakerHandle::new(self.shared.clone())
+        self.shared.breaker_handle()
     }
 }
 
@@ -280,7 +280,10 @@ impl Builder {
             .as_ref()
             .map_or(0, BreakerPolicy::keyed_capacity);
         let budget = self.retry.budget.map(|config| Budgets::new(config, keys));
-        let breakers = self.circuit_breaker.as_ref().map(Breakers::new);
+        let breakers = self
+            .circuit_breaker
+            .as_ref()
+            .map(|policy| Arc::new(Breakers::new(policy)));
         UpstreamGuardLayer {
             shared: Arc::new(Shared {
                 attempt_timeout: self.attempt_timeout,

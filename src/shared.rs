@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::breaker::Breakers;
+use crate::breaker::{BreakerHandle, Breakers};
 use crate::budgets::Budgets;
 use crate::classify::Classify;
 use crate::observe::Observer;
@@ -25,7 +25,8 @@ pub(crate) struct Shared {
     pub(crate) observer: Box<dyn Observer>,
     pub(crate) failure_hook: Option<Box<FailureHook>>,
     pub(crate) budget: Option<Budgets>,
-    pub(crate) breakers: Option<Breakers>,
+    /// Behind their own reference count, which operator handles share.
+    pub(crate) breakers: Option<Arc<Breakers>>,
 }
 
 impl fmt::Debug for Shared {
@@ -40,5 +41,12 @@ impl fmt::Debug for Shared {
             .field("budget", &self.budget)
             .field("breakers", &self.breakers)
             .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Operator access to the breakers; `None` if the breaker was turned off.
+    pub(crate) fn breaker_handle(&self) -> Option<BreakerHandle> {
+        self.breakers.clone().map(BreakerHandle::new)
     }
 }

@@ -69,7 +69,10 @@ impl ModeCell {
 /// ```
 #[derive(Clone)]
 pub struct BreakerHandle {
-    shared: Arc<crate::shared::Shared>,
+    /// The guard's breakers themselves, not the guard's shared state: the
+    /// handle needs nothing else, and the breaker module stays below the
+    /// modules that hold it.
+    breakers: Arc<Breakers>,
 }
 
 impl fmt::Debug for BreakerHandle {
@@ -79,17 +82,12 @@ impl fmt::Debug for BreakerHandle {
 }
 
 impl BreakerHandle {
-    pub(crate) fn new(shared: Arc<crate::shared::Shared>) -> Option<BreakerHandle> {
-        shared.breakers.as_ref()?;
-        Some(BreakerHandle { shared })
+    pub(crate) fn new(breakers: Arc<Breakers>) -> BreakerHandle {
+        BreakerHandle { breakers }
     }
 
     fn breakers(&self) -> &Breakers {
-        // `new` only makes a handle for a guard that has breakers.
-        match &self.shared.breakers {
-            Some(b) => b,
-            None => unreachable!("a BreakerHandle always has breakers"),
-        }
+        &self.breakers
     }
 
     /// Rejects every request with 503 until [`resume`](Self::resume).
