@@ -35,7 +35,7 @@ use tower_service::Service;
 use tracing::Span;
 
 use crate::body::{RequestBody, ResponseBody, SendState, SendWatch};
-use crate::breaker::{Admit, KeyCache, Record, Target, Ticket, Transition};
+use crate::breaker::{KeyCache, Record, Target, Ticket, Transition};
 use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
 use crate::failure::{FailureKind, GuardFailure};
@@ -47,7 +47,7 @@ use crate::observe::{
 use crate::replay::{usable_request_id, BodyBuffer, Fed, Head, Mode, ReplayBody};
 use crate::response::{synthesize, Flavor};
 use crate::retry::is_safe_to_resend;
-use crate::shared::Shared;
+use crate::shared::{Admission, Shared};
 use crate::BoxError;
 
 pin_project! {
@@ -187,6 +187,8 @@ where
     target: Option<Target>,
     /// The request's hold on its circuit breaker.
     ticket: Option<Ticket>,
+    /// The request's concurrency permit, until the response body takes it.
+    permit: Option<Permit>,
     /// How far the caller got in sending the body of a streamed attempt.
     watch: Option<SendWatch>,
     /// Which of our timeouts the `grpc-timeout` sent with the current attempt
@@ -430,6 +432,7 @@ where
             armed: false,
             target: None,
             ticket: None,
+            permit: None,
             watch: None,
             grpc_timeout_kind: FailureKind::AttemptTimeout,
             request_span: request_span(&shared, &info, parts),
@@ -475,7 +478,7 @@ where
     fn admit_to_breaker(&mut self, head: Option<&Parts>) -> Option<Rejection> {
         let breakers = self.shared.breakers.as_ref()?;
         let target = self.target?;
-        let (admit, transition, state) = breakers.admit(target);
+        let (admit, transition, state) = self.shared.admit(breakers, target);
         if !self.request_span.is_disabled() {
             self.request_span
                 .record("upstream_guard.circuit_state", state.as_str());
@@ -484,11 +487,12 @@ where
             self.emit_transition(target, transition);
         }
         match admit {
-            Admit::Go(ticket) => {
+            Admission::Go(ticket, permit) => {
                 self.ticket = Some(ticket);
+                self.permit = permit;
                 None
             }
-            Admit::Reject(kind, retry_after) => {
+            Admission::Reject(kind, retry_after) => {
                 // The head is not kept for a rejected request: keep what the
                 // event and the error body name (the upstream, the request id).
                 if let Some(parts) = head {
@@ -567,6 +571,7 @@ where
         if let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) {
             breakers.release(ticket);
         }
+        self.permit = None;
     }
 
     /// Whether the breaker lets this request be retried now.
@@ -971,11 +976,9 @@ where
     }
 
     /// The concurrency permit to carry in the response body, which then holds
-    /// it until the upstream's work is over; anything else the ticket holds is
-    /// given back now.
+    /// it until the upstream's work is over.
     fn permit_for_body(&mut self) -> Option<Permit> {
-        let ticket = self.ticket.take_if(|ticket| ticket.permit)?;
-        Some(Permit::new(self.shared.clone(), ticket))
+        self.permit.take()
     }
 
     /// Synthesizes the response for a failure, runs the user's hook, and records it.

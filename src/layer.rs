@@ -10,6 +10,7 @@ use tower_layer::Layer;
 
 use crate::breaker::{BreakerHandle, BreakerPolicy, Breakers};
 use crate::budgets::Budgets;
+use crate::bulkhead::Bulkhead;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::error::ConfigError;
 use crate::failure::GuardFailure;
@@ -284,6 +285,11 @@ impl Builder {
             .circuit_breaker
             .as_ref()
             .map(|policy| Arc::new(Breakers::new(policy)));
+        let bulkhead = self
+            .circuit_breaker
+            .as_ref()
+            .and_then(BreakerPolicy::concurrency_cap)
+            .map(Bulkhead::new);
         UpstreamGuardLayer {
             shared: Arc::new(Shared {
                 attempt_timeout: self.attempt_timeout,
@@ -297,6 +303,7 @@ impl Builder {
                 failure_hook: self.failure_hook,
                 budget,
                 breakers,
+                bulkhead,
             }),
         }
     }

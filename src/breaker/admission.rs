@@ -3,6 +3,10 @@
 //! ([`admit`](Breakers::admit), which hands out a [`Ticket`]), report how its
 //! attempts ended ([`record`](Breakers::record)), and give back what it held
 //! ([`release`](Breakers::release)).
+//!
+//! Only breaker things: the concurrency cap is the bulkhead's
+//! (`crate::bulkhead`), which counts its permits on the same registry slots
+//! through [`Breakers::tenancy`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,13 +19,12 @@ use super::handle::{BreakerMode, ModeCell};
 use super::policy::{nanos, BreakerPolicy, Keying};
 use super::registry::{Entry, KeyCache, Keyed, Target};
 use super::state::{Admission, CircuitState, Policy, Record, Transition};
-use super::tenancy::{Acquired, FIRST_GENERATION};
+use super::tenancy::{Tenancy, FIRST_GENERATION};
 
 /// All breakers of a guard: the shared default one and the keyed registry.
 pub(crate) struct Breakers {
     policy: Policy,
     slow_nanos: Option<u64>,
-    concurrency_limit: Option<u32>,
     keying: Keying,
     epoch: Instant,
     pub(super) mode: ModeCell,
@@ -41,19 +44,17 @@ impl fmt::Debug for Breakers {
 
 /// What [`Breakers::admit`] decided for a request.
 pub(crate) enum Admit {
-    /// Go ahead; keep this ticket to record the outcome and release the permits.
+    /// Go ahead; keep this ticket to record the outcome and release the probe.
     Go(Ticket),
     /// Rejected: answer with this failure kind; retry after this long.
     Reject(crate::FailureKind, Duration),
 }
 
-/// A request's hold on its breaker: which one, whether it is a probe, and
-/// whether it holds a concurrency permit.
+/// A request's hold on its breaker: which one, and whether it is a probe.
 #[derive(Debug)]
 pub(crate) struct Ticket {
     pub(crate) target: Target,
     pub(crate) probe: Option<u64>,
-    pub(crate) permit: bool,
     /// Breakers disabled by the operator: record nothing.
     pub(crate) counted: bool,
 }
@@ -64,7 +65,6 @@ impl Ticket {
         Ticket {
             target,
             probe: None,
-            permit: false,
             counted: false,
         }
     }
@@ -78,7 +78,6 @@ impl Breakers {
             slow_nanos: config
                 .slow_call_rate
                 .map(|_| nanos(config.slow_call_threshold)),
-            concurrency_limit: config.concurrency_limit,
             keyed: match config.keying {
                 Keying::Single => None,
                 _ => Some(Keyed::new(config.max_keys, window)),
@@ -130,6 +129,15 @@ impl Breakers {
         }
     }
 
+    /// The tenancy word of the registry slot a target names, and the
+    /// generation the target holds it at, whether or not its key still holds
+    /// it: the bulkhead counts its permits there, checking the generation in
+    /// the same atomic step.
+    pub(crate) fn tenancy(&self, target: Target) -> Option<(&Tenancy, u32)> {
+        self.slot(target)
+            .map(|(entry, generation)| (&entry.tenancy, generation))
+    }
+
     /// The entry a target names and the generation the target holds it at,
     /// whether or not its key still holds it: for changes that check the
     /// generation themselves, in the same atomic step.
@@ -171,7 +179,7 @@ impl Breakers {
                 );
             }
         }
-        let Some((entry, generation)) = self.current(target) else {
+        let Some(entry) = self.entry(target) else {
             // The entry was evicted between lookup and admission: let it through
             // uncounted rather than guess.
             return (
@@ -192,30 +200,9 @@ impl Breakers {
                 return (reject, transition, state);
             }
         };
-        let mut permit = false;
-        if let Some(limit) = self.concurrency_limit {
-            match entry.tenancy.acquire(generation, limit) {
-                Acquired::Permit => permit = true,
-                refused => {
-                    if let Some(epoch) = probe {
-                        entry.breaker.release_probe(epoch);
-                    }
-                    let admit = match refused {
-                        Acquired::Full => Admit::Reject(
-                            crate::FailureKind::ConcurrencyLimited,
-                            Duration::from_secs(1),
-                        ),
-                        // Evicted since the check above: as there, uncounted.
-                        _ => Admit::Go(Ticket::uncounted(target)),
-                    };
-                    return (admit, transition, state);
-                }
-            }
-        }
         let ticket = Ticket {
             target,
             probe,
-            permit,
             counted: true,
         };
         (Admit::Go(ticket), transition, state)
@@ -249,20 +236,14 @@ impl Breakers {
                 .is_none_or(|e| e.breaker.is_closed())
     }
 
-    /// Gives back what a finished (or dropped) request held. What it held on
-    /// an entry since given to another key is not given back: re-keying dropped
-    /// it (the permit count) or made it stale (the probe's epoch).
+    /// Gives back the half-open probe a finished (or dropped) request held. A
+    /// probe on an entry since given to another key is not given back:
+    /// re-keying made its epoch stale.
     pub(crate) fn release(&self, ticket: &mut Ticket) {
-        let Some((entry, generation)) = self.slot(ticket.target) else {
-            return;
-        };
         if let Some(epoch) = ticket.probe.take() {
-            if entry.tenancy.generation() == generation {
+            if let Some(entry) = self.entry(ticket.target) {
                 entry.breaker.release_probe(epoch);
             }
-        }
-        if std::mem::take(&mut ticket.permit) {
-            entry.tenancy.release(generation);
         }
     }
 }
@@ -270,12 +251,6 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Breakers with room for one key, so each new key evicts the last one,
-    /// and a concurrency limit of one.
-    fn one_key_one_permit() -> Breakers {
-        Breakers::new(&BreakerPolicy::default().max_keys(1).concurrency_limit(1))
-    }
 
     fn target_of(breakers: &Breakers, authority: &str) -> Target {
         let (parts, ()) = http::Request::get(format!("http://{authority}/"))
@@ -285,43 +260,14 @@ mod tests {
         breakers.target(&parts, &mut KeyCache::default())
     }
 
-    fn ticket(breakers: &Breakers, target: Target) -> Ticket {
-        match breakers.admit(target).0 {
-            Admit::Go(ticket) => ticket,
-            Admit::Reject(kind, _) => panic!("rejected: {kind:?}"),
-        }
-    }
-
-    fn in_flight(breakers: &Breakers, key: &str) -> u32 {
-        let keyed = breakers.keyed.as_ref().expect("keyed breakers");
-        keyed.lookup(key).expect("a key").tenancy.in_flight()
-    }
-
     #[test]
-    fn a_request_of_an_evicted_key_gives_nothing_back_to_the_new_key() {
-        let breakers = one_key_one_permit();
-        let old = target_of(&breakers, "a:80");
-        let mut old_ticket = ticket(&breakers, old);
-        assert!(old_ticket.permit);
-        let new = target_of(&breakers, "b:80");
-        let mut new_ticket = ticket(&breakers, new);
-        assert!(
-            new_ticket.permit,
-            "the old key's permit is not the new key's"
-        );
-        breakers.release(&mut old_ticket);
-        assert_eq!(in_flight(&breakers, "b:80"), 1);
-        breakers.release(&mut new_ticket);
-        assert_eq!(in_flight(&breakers, "b:80"), 0);
-    }
-
-    #[test]
-    fn a_request_admitted_on_an_evicted_key_takes_no_permit_of_the_new_key() {
-        let breakers = one_key_one_permit();
+    fn a_request_admitted_on_an_evicted_key_is_not_counted() {
+        let breakers = Breakers::new(&BreakerPolicy::default().max_keys(1));
         let old = target_of(&breakers, "a:80");
         target_of(&breakers, "b:80");
-        let stale = ticket(&breakers, old);
-        assert!(!stale.permit && !stale.counted, "{stale:?}");
-        assert_eq!(in_flight(&breakers, "b:80"), 0);
+        match breakers.admit(old).0 {
+            Admit::Go(ticket) => assert!(!ticket.counted, "{ticket:?}"),
+            Admit::Reject(kind, _) => panic!("rejected: {kind:?}"),
+        }
     }
 }

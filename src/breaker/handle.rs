@@ -17,7 +17,9 @@ pub enum BreakerMode {
     Auto,
     /// Every request is rejected with 503.
     ForcedOpen,
-    /// Every request goes through and nothing is counted.
+    /// Every request goes through the breakers and nothing is counted. A
+    /// [concurrency cap](super::BreakerPolicy::concurrency_limit) still applies:
+    /// it is not the breakers'.
     Disabled,
 }
 
@@ -95,7 +97,8 @@ impl BreakerHandle {
         self.breakers().mode.set(BreakerMode::ForcedOpen);
     }
 
-    /// Lets every request through, counting nothing, until [`resume`](Self::resume).
+    /// Lets every request through the breakers, counting nothing, until
+    /// [`resume`](Self::resume). A concurrency cap still applies.
     pub fn disable(&self) {
         self.breakers().mode.set(BreakerMode::Disabled);
     }

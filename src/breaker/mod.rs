@@ -13,8 +13,10 @@
 //!   per a key of your choosing, in a registry bounded by
 //!   [`max_keys`](BreakerPolicy::max_keys). Requests without a key share one
 //!   breaker.
-//! - **Concurrency cap** (bulkhead): at most N requests in flight per key; more
-//!   get `503` at once.
+//! - **Concurrency cap** ([`concurrency_limit`](BreakerPolicy::concurrency_limit)):
+//!   at most N requests in flight per key; more get `503` at once. It is the
+//!   bulkhead's (`crate::bulkhead`), a concept of its own that counts per
+//!   breaker key, on the breakers' registry slots.
 //! - **Operators** can force a breaker open, disable it, and read snapshots for
 //!   health endpoints through a [`BreakerHandle`].
 //!
@@ -50,3 +52,4 @@ pub use state::CircuitState;
 pub(crate) use admission::{Admit, Breakers, Ticket};
 pub(crate) use registry::{KeyCache, Target};
 pub(crate) use state::{Record, Transition};
+pub(crate) use tenancy::Acquired;

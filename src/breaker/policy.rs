@@ -66,7 +66,7 @@ pub struct BreakerPolicy {
     probes: u32,
     pub(super) keying: Keying,
     pub(super) max_keys: usize,
-    pub(super) concurrency_limit: Option<u32>,
+    concurrency_limit: Option<u32>,
 }
 
 impl Default for BreakerPolicy {
@@ -203,9 +203,22 @@ impl BreakerPolicy {
     }
 
     /// At most `limit` requests in flight per key; more are answered `503` at once.
+    ///
+    /// A request holds its place from the moment it is admitted until the
+    /// upstream's work is over: the end of its response body, not of its
+    /// headers. The cap is counted per breaker key (the keys set by
+    /// [`per_authority`](Self::per_authority), [`per_key`](Self::per_key) or
+    /// [`single`](Self::single)), which is why it is set here; it applies even
+    /// while an operator has [disabled](crate::BreakerHandle::disable) the
+    /// breakers.
     pub fn concurrency_limit(mut self, limit: u32) -> Self {
         self.concurrency_limit = Some(limit);
         self
+    }
+
+    /// The per-key concurrency cap, for the bulkhead.
+    pub(crate) fn concurrency_cap(&self) -> Option<u32> {
+        self.concurrency_limit
     }
 
     /// The longest open period: as set, else 60 s or `open_for` if longer (so
