@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::breaker::{Admit, KeyCache, Record, Target, Ticket};
+use crate::breaker::{KeyCache, Record, Target, Ticket};
 use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
 use crate::clock::{Clock, Times};
@@ -32,7 +32,7 @@ use crate::replay::{usable_request_id, Buffered, ReplayBody};
 use crate::report::{upstream_name, Report};
 use crate::response::{synthesize, Flavor};
 use crate::retry::{decide, is_safe_to_resend, Decision, Failed, Resend};
-use crate::shared::Shared;
+use crate::shared::{Admission, Shared};
 use crate::watch::{SendState, SendWatch};
 use crate::BoxError;
 
@@ -151,6 +151,8 @@ pub(crate) struct Call<S, B> {
     /// first attempt is sent.
     target: Option<Target>,
     ticket: Option<Ticket>,
+    /// The request's concurrency permit, until the response body takes it.
+    permit: Option<Permit>,
     /// How far the caller got in sending a streamed body.
     watch: Option<SendWatch>,
     /// Which of our timeouts the `grpc-timeout` of the current attempt stands for.
@@ -194,6 +196,7 @@ where
             attempt: 0,
             target,
             ticket: None,
+            permit: None,
             watch: None,
             grpc_timeout_kind: FailureKind::AttemptTimeout,
             body: PhantomData,
@@ -274,7 +277,7 @@ where
     fn admit(&mut self) -> Option<Rejection> {
         if let Some(breakers) = &self.shared.breakers {
             let target = self.target?;
-            let (admit, transition, state) = breakers.admit(target);
+            let (admit, transition, state) = self.shared.admit(breakers, target);
             self.report.circuit_state(state);
             if let Some(transition) = transition {
                 let key = breakers.key_of(target);
@@ -282,8 +285,11 @@ where
                 self.report.transition(observer, key.as_deref(), transition);
             }
             match admit {
-                Admit::Go(ticket) => self.ticket = Some(ticket),
-                Admit::Reject(kind, retry_after) => {
+                Admission::Go(ticket, permit) => {
+                    self.ticket = Some(ticket);
+                    self.permit = permit;
+                }
+                Admission::Reject(kind, retry_after) => {
                     return Some(Rejection {
                         kind,
                         source: None,
@@ -628,8 +634,7 @@ where
     /// The concurrency permit to carry in the response body, which then holds
     /// it until the upstream's work is over.
     fn permit_for_body(&mut self) -> Option<Permit> {
-        let ticket = self.ticket.take_if(|ticket| ticket.permit)?;
-        Some(Permit::new(self.shared.clone(), ticket))
+        self.permit.take()
     }
 
     /// The answer for a request that was not let through.
@@ -680,6 +685,7 @@ where
         if let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) {
             breakers.release(ticket);
         }
+        self.permit = None;
         let flavor = Flavor {
             is_head: self.method == Method::HEAD,
             is_grpc: self.is_grpc,

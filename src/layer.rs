@@ -10,6 +10,7 @@ use tower_layer::Layer;
 
 use crate::breaker::{BreakerHandle, BreakerPolicy, Breakers};
 use crate::budgets::Budgets;
+use crate::bulkhead::Bulkhead;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::error::ConfigError;
 use crate::failure::GuardFailure;
@@ -64,7 +65,7 @@ impl UpstreamGuardLayer {
     /// Operator access to the circuit breakers (force open, disable, snapshots);
     /// `None` if the breaker was turned off.
     pub fn breaker_handle(&self) -> Option<BreakerHandle> {
-        BreakerHandle::new(self.shared.clone())
+        self.shared.breaker_handle()
     }
 }
 
@@ -280,7 +281,15 @@ impl Builder {
             .as_ref()
             .map_or(0, BreakerPolicy::keyed_capacity);
         let budget = self.retry.budget.map(|config| Budgets::new(config, keys));
-        let breakers = self.circuit_breaker.as_ref().map(Breakers::new);
+        let breakers = self
+            .circuit_breaker
+            .as_ref()
+            .map(|policy| Arc::new(Breakers::new(policy)));
+        let bulkhead = self
+            .circuit_breaker
+            .as_ref()
+            .and_then(BreakerPolicy::concurrency_cap)
+            .map(Bulkhead::new);
         UpstreamGuardLayer {
             shared: Arc::new(Shared {
                 attempt_timeout: self.attempt_timeout,
@@ -294,6 +303,7 @@ impl Builder {
                 failure_hook: self.failure_hook,
                 budget,
                 breakers,
+                bulkhead,
             }),
         }
     }

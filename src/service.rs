@@ -45,7 +45,7 @@ impl<S> UpstreamGuard<S> {
     /// Operator access to the circuit breakers this service shares with its
     /// layer; `None` if the breaker was turned off.
     pub fn breaker_handle(&self) -> Option<BreakerHandle> {
-        BreakerHandle::new(self.shared.clone())
+        self.shared.breaker_handle()
     }
 
     /// The inner service.

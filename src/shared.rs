@@ -4,9 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::breaker::Breakers;
+use crate::breaker::{Admit, BreakerHandle, Breakers, CircuitState, Target, Ticket, Transition};
 use crate::budgets::Budgets;
+use crate::bulkhead::{Bulkhead, Full, Permit};
 use crate::classify::Classify;
+use crate::failure::FailureKind;
 use crate::observe::Observer;
 use crate::response::FailureHook;
 use crate::retry::RetryPolicy;
@@ -25,7 +27,10 @@ pub(crate) struct Shared {
     pub(crate) observer: Box<dyn Observer>,
     pub(crate) failure_hook: Option<Box<FailureHook>>,
     pub(crate) budget: Option<Budgets>,
-    pub(crate) breakers: Option<Breakers>,
+    /// Behind their own reference count, which operator handles share.
+    pub(crate) breakers: Option<Arc<Breakers>>,
+    /// The concurrency cap per breaker key; `None` without one.
+    pub(crate) bulkhead: Option<Bulkhead>,
 }
 
 impl fmt::Debug for Shared {
@@ -39,6 +44,52 @@ impl fmt::Debug for Shared {
             .field("expose_error_details", &self.expose_error_details)
             .field("budget", &self.budget)
             .field("breakers", &self.breakers)
+            .field("bulkhead", &self.bulkhead)
             .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Operator access to the breakers; `None` if the breaker was turned off.
+    pub(crate) fn breaker_handle(&self) -> Option<BreakerHandle> {
+        self.breakers.clone().map(BreakerHandle::new)
+    }
+}
+
+/// What a request was told right before its first attempt.
+pub(crate) enum Admission {
+    /// Go ahead, holding the breaker's ticket and, under a concurrency cap, a
+    /// permit: two holds, given back separately (the permit travels on with the
+    /// response body).
+    Go(Ticket, Option<Permit>),
+    /// Turned away: answer with this failure kind; retry after this long.
+    Reject(FailureKind, Duration),
+}
+
+impl Shared {
+    /// Admits a request to `target`'s breaker, then to the bulkhead: a request
+    /// the breaker turns away takes no permit, and one the bulkhead turns away
+    /// gives its breaker probe back. With the breaker's state and the
+    /// transition its admission made, if any, for events.
+    pub(crate) fn admit(
+        &self,
+        breakers: &Arc<Breakers>,
+        target: Target,
+    ) -> (Admission, Option<Transition>, CircuitState) {
+        let (admit, transition, state) = breakers.admit(target);
+        let admission = match admit {
+            Admit::Reject(kind, retry_after) => Admission::Reject(kind, retry_after),
+            Admit::Go(mut ticket) => match self.bulkhead.as_ref() {
+                None => Admission::Go(ticket, None),
+                Some(bulkhead) => match bulkhead.acquire(breakers, target) {
+                    Ok(permit) => Admission::Go(ticket, permit),
+                    Err(Full) => {
+                        breakers.release(&mut ticket);
+                        Admission::Reject(FailureKind::ConcurrencyLimited, Bulkhead::RETRY_AFTER)
+                    }
+                },
+            },
+        };
+        (admission, transition, state)
     }
 }

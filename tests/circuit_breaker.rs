@@ -427,6 +427,27 @@ async fn the_concurrency_cap_rejects_excess_requests_at_once() {
 }
 
 #[tokio::test]
+async fn the_concurrency_cap_still_applies_while_the_breakers_are_disabled() {
+    let upstream = Upstream::start().await;
+    let guard = layer(
+        BreakerPolicy::default().concurrency_limit(1),
+        Transitions::default(),
+    );
+    guard.breaker_handle().unwrap().disable();
+    let client = guarded(&guard);
+    let answers = futures_util::future::join_all(
+        (0..3).map(|_| send(&client, get(&upstream.url("/slow/200")))),
+    )
+    .await;
+    let limited: Vec<_> = answers
+        .iter()
+        .filter_map(|a| a.failure.as_ref().map(|f| f.kind()))
+        .collect();
+    assert_eq!(limited, vec![FailureKind::ConcurrencyLimited; 2]);
+    assert_eq!(upstream.count("/slow"), 1);
+}
+
+#[tokio::test]
 async fn a_dropped_request_gives_back_its_probe_and_permit() {
     let upstream = Upstream::start().await;
     let breaker = BreakerPolicy::consecutive_failures(1)
