@@ -84,7 +84,7 @@ impl<S> Kept<S> {
         match self {
             Kept::Nothing => None,
             Kept::Facts { authority, .. } => authority.as_ref().map(Authority::as_str),
-            Kept::Again(again) => again.head.authority(),
+            Kept::Again(again) => again.head.authority().map(Authority::as_str),
         }
     }
 
@@ -92,7 +92,7 @@ impl<S> Kept<S> {
         match self {
             Kept::Nothing => None,
             Kept::Facts { authority, .. } => authority.clone(),
-            Kept::Again(again) => again.head.authority_owned(),
+            Kept::Again(again) => again.head.authority().cloned(),
         }
     }
 
@@ -208,10 +208,10 @@ where
     pub(crate) fn send_streamed(
         &mut self,
         inner: &mut S,
-        request: Request<B>,
+        parts: Parts,
+        body: B,
         times: &mut Times,
     ) -> Result<S::Future, Rejection> {
-        let (parts, body) = request.into_parts();
         self.kept = Kept::facts(&parts);
         if let Some(rejection) = self.admit() {
             return Err(rejection);
@@ -227,13 +227,13 @@ where
     pub(crate) fn send_empty(
         &mut self,
         inner: &mut S,
-        request: Request<B>,
+        parts: Parts,
+        body: B,
         times: &mut Times,
     ) -> Result<S::Future, Rejection>
     where
         S: Clone,
     {
-        let (parts, body) = request.into_parts();
         if let Some(rejection) = self.admit() {
             self.kept = Kept::facts(&parts);
             return Err(rejection);
@@ -281,7 +281,7 @@ where
             self.report.circuit_state(state);
             if let Some(transition) = transition {
                 let key = breakers.key_of(target);
-                let observer = &*self.shared.observer;
+                let observer = self.shared.observer.as_deref();
                 self.report.transition(observer, key.as_deref(), transition);
             }
             match admit {
@@ -326,7 +326,7 @@ where
         let target = ticket.target;
         if let Some(transition) = breakers.record(ticket, Record { failure, slow }) {
             let key = breakers.key_of(target);
-            let observer = &*self.shared.observer;
+            let observer = self.shared.observer.as_deref();
             self.report.transition(observer, key.as_deref(), transition);
         }
     }
@@ -502,7 +502,7 @@ where
     ) -> Option<Guarded<ResB>> {
         let outcome = attempted.outcome();
         let times = clock.as_mut().times();
-        let observer = &*self.shared.observer;
+        let observer = self.shared.observer.as_deref();
         let started = times.attempt_started();
         self.report
             .attempt_ended(observer, self.facts(), self.attempt, outcome, started);
@@ -536,7 +536,7 @@ where
         };
         let breaker_closed = self.breaker_allows_retry();
         let policy = &self.shared.retry;
-        let observer = &*self.shared.observer;
+        let observer = self.shared.observer.as_deref();
         match decide(
             policy,
             failed,
@@ -644,7 +644,7 @@ where
         started: Option<Instant>,
     ) -> Guarded<ResB> {
         if let Some(retry_after) = rejection.retry_after {
-            let observer = &*self.shared.observer;
+            let observer = self.shared.observer.as_deref();
             Report::rejected(observer, self.facts(), rejection.kind, retry_after);
         }
         let failure = self.failure(rejection.kind, rejection.source);
@@ -705,7 +705,7 @@ where
             attempts: self.attempt,
             started,
         };
-        self.report.response(&*self.shared.observer, event);
+        self.report.response(self.shared.observer.as_deref(), event);
     }
 }
 

@@ -213,7 +213,7 @@ impl Classify for DefaultClassifier {
         }
         // Only a gRPC response can carry a grpc-status header worth reading; the
         // content-type check (a standard header) is cheaper than looking it up.
-        if !crate::grpc::is_grpc(headers) {
+        if !crate::grpc::is_grpc_content(headers) {
             return ResponseClass::Success;
         }
         if let Some(grpc_status) = headers.get(crate::grpc::GRPC_STATUS) {

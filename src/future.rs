@@ -96,7 +96,7 @@ where
         key_cache: &mut KeyCache,
     ) -> Self {
         let headers = request.headers();
-        let is_grpc = grpc::is_grpc(headers);
+        let is_grpc = grpc::is_grpc(request.method(), headers);
         let inbound = is_grpc.then(|| grpc::inbound_timeout(headers)).flatten();
         let mut clock = Clock::new(shared.deadline, inbound, shared.attempt_timeout);
         if is_grpc {
@@ -109,12 +109,10 @@ where
         let cap = retry.max_replay_body;
         let (parts, body) = request.into_parts();
         let mut call = Call::new(shared, &parts, is_grpc, key_cache);
-        let request = Request::from_parts(parts, body);
         let sent = match plan {
-            Plan::Stream => call.send_streamed(inner, request, clock.times_mut()),
-            Plan::Empty => call.send_empty(inner, request, clock.times_mut()),
+            Plan::Stream => call.send_streamed(inner, parts, body, clock.times_mut()),
+            Plan::Empty => call.send_empty(inner, parts, body, clock.times_mut()),
             Plan::Buffer(mode) => {
-                let (parts, body) = request.into_parts();
                 let clone = inner.clone();
                 let service = std::mem::replace(inner, clone);
                 let buffering = Buffering::new(parts, body, service, mode, cap);
@@ -135,7 +133,7 @@ where
     pub(crate) fn not_ready(request: Request<B>, shared: Arc<Shared>, error: BoxError) -> Self {
         let (parts, _body) = request.into_parts();
         let clock = Clock::new(shared.deadline, None, shared.attempt_timeout);
-        let is_grpc = grpc::is_grpc(&parts.headers);
+        let is_grpc = grpc::is_grpc(&parts.method, &parts.headers);
         let mut call = Call::new(shared, &parts, is_grpc, &mut KeyCache::default());
         let rejection = Some(call.not_ready(&parts, error));
         let state = State::Rejected { rejection };

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Method};
 
 use http::HeaderName;
 
@@ -17,10 +17,16 @@ pub(crate) const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-messag
 pub(crate) const GRPC_RETRY_PUSHBACK_MS: HeaderName =
     HeaderName::from_static("grpc-retry-pushback-ms");
 
-/// Whether a request is a gRPC call: its `content-type` starts with
-/// `application/grpc` (this covers `application/grpc+proto`, `application/grpc-web`
-/// and friends).
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+/// Whether a request is a gRPC call: a `POST` (every gRPC call is one) whose
+/// `content-type` starts with `application/grpc` (this covers
+/// `application/grpc+proto`, `application/grpc-web` and friends). Other
+/// methods are answered without looking a header up.
+pub(crate) fn is_grpc(method: &Method, headers: &HeaderMap) -> bool {
+    *method == Method::POST && is_grpc_content(headers)
+}
+
+/// Whether a message's `content-type` is gRPC's.
+pub(crate) fn is_grpc_content(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))

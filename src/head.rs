@@ -29,14 +29,14 @@ pub(crate) struct Head {
     bytes: Vec<u8>,
     /// Where the URI ends in `bytes`.
     uri_end: u32,
-    /// Where the authority is in the URI's text (empty if it has none).
-    authority: (u32, u32),
+    /// The URI's authority, which every event names (one reference count).
+    authority: Option<Authority>,
 }
 
 impl Head {
     pub(crate) fn copy_of(parts: &Parts) -> Head {
         let mut bytes = pool::take();
-        let authority = write_uri(&mut bytes, &parts.uri);
+        write_uri(&mut bytes, &parts.uri);
         let uri_end = offset(&bytes);
         for (name, value) in &parts.headers {
             let (name, value_bytes) = (name.as_str().as_bytes(), value.as_bytes());
@@ -52,20 +52,13 @@ impl Head {
             extensions: parts.extensions.clone(),
             bytes,
             uri_end,
-            authority,
+            authority: parts.uri.authority().cloned(),
         }
     }
 
-    /// The request URI's authority, as text.
-    pub(crate) fn authority(&self) -> Option<&str> {
-        let (start, end) = (self.authority.0 as usize, self.authority.1 as usize);
-        let text = std::str::from_utf8(self.bytes.get(start..end)?).ok()?;
-        (!text.is_empty()).then_some(text)
-    }
-
-    /// The request URI's authority, parsed (for a failure to name).
-    pub(crate) fn authority_owned(&self) -> Option<Authority> {
-        Authority::try_from(self.authority()?).ok()
+    /// The request URI's authority.
+    pub(crate) fn authority(&self) -> Option<&Authority> {
+        self.authority.as_ref()
     }
 
     /// The first value of a header.
@@ -124,24 +117,19 @@ impl Drop for Head {
     }
 }
 
-/// Writes the URI's text, in a form `Uri` parses back to the same URI; where
-/// its authority is.
-fn write_uri(bytes: &mut Vec<u8>, uri: &Uri) -> (u32, u32) {
-    let mut authority = (0, 0);
+/// Writes the URI's text, in a form `Uri` parses back to the same URI.
+fn write_uri(bytes: &mut Vec<u8>, uri: &Uri) {
     if let Some(scheme) = uri.scheme_str() {
         bytes.extend_from_slice(scheme.as_bytes());
         bytes.extend_from_slice(b"://");
     }
-    if let Some(a) = uri.authority() {
-        let start = offset(bytes);
-        bytes.extend_from_slice(a.as_str().as_bytes());
-        authority = (start, offset(bytes));
+    if let Some(authority) = uri.authority() {
+        bytes.extend_from_slice(authority.as_str().as_bytes());
     }
     // Absent only in the authority form (CONNECT's `host:port`).
     if let Some(path) = uri.path_and_query() {
         bytes.extend_from_slice(path.as_str().as_bytes());
     }
-    authority
 }
 
 /// A length that fits the kept layout: header names and values are far below
@@ -246,7 +234,7 @@ mod tests {
             let cookies: Vec<_> = copy.headers().get_all("set-cookie").iter().collect();
             assert_eq!(cookies, ["a", "b"]);
             assert_eq!(copy.extensions().get::<u8>(), Some(&7));
-            assert_eq!(head.authority(), Some("example.test:8080"));
+            assert_eq!(head.authority().unwrap(), "example.test:8080");
         }
     }
 
@@ -258,7 +246,7 @@ mod tests {
             assert_eq!(head.request((), true).uri(), &parts.uri, "{uri}");
         }
         let origin = parts(Request::builder().uri("/p").body(()).unwrap());
-        assert_eq!(Head::copy_of(&origin).authority(), None);
+        assert!(Head::copy_of(&origin).authority().is_none());
     }
 
     #[test]

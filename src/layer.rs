@@ -14,7 +14,7 @@ use crate::bulkhead::Bulkhead;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::error::ConfigError;
 use crate::failure::GuardFailure;
-use crate::observe::{NoopObserver, Observer};
+use crate::observe::Observer;
 use crate::retry::RetryPolicy;
 use crate::service::UpstreamGuard;
 use crate::shared::Shared;
@@ -107,7 +107,8 @@ pub struct Builder {
     upstream_name: Option<Arc<str>>,
     expose_error_details: bool,
     classifier: Box<dyn Classify>,
-    observer: Box<dyn Observer>,
+    /// `None`: nobody listens, and no event is built.
+    observer: Option<Box<dyn Observer>>,
     failure_hook: Option<Box<FailureHook>>,
 }
 
@@ -122,7 +123,7 @@ impl Default for Builder {
             upstream_name: None,
             expose_error_details: false,
             classifier: Box::new(DefaultClassifier::new()),
-            observer: Box::new(NoopObserver),
+            observer: None,
             failure_hook: None,
         }
     }
@@ -207,7 +208,7 @@ impl Builder {
 
     /// Receives events for metrics; see [`Observer`].
     pub fn observer(mut self, observer: impl Observer) -> Self {
-        self.observer = Box::new(observer);
+        self.observer = Some(Box::new(observer));
         self
     }
 

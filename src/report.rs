@@ -89,7 +89,7 @@ impl Report {
     /// An attempt ended.
     pub(crate) fn attempt_ended(
         &self,
-        observer: &dyn Observer,
+        observer: Option<&dyn Observer>,
         request: RequestFacts<'_>,
         attempt: u32,
         outcome: AttemptOutcome,
@@ -108,29 +108,33 @@ impl Report {
                 }
             }
         }
-        observer.on_attempt(&AttemptEvent {
-            request,
-            attempt,
-            outcome,
-            started,
-        });
+        if let Some(observer) = observer {
+            observer.on_attempt(&AttemptEvent {
+                request,
+                attempt,
+                outcome,
+                started,
+            });
+        }
     }
 
     /// A retry was scheduled after attempt `failed_attempt`.
     pub(crate) fn retry(
         &self,
-        observer: &dyn Observer,
+        observer: Option<&dyn Observer>,
         request: RequestFacts<'_>,
         failed_attempt: u32,
         reason: AttemptOutcome,
         backoff: Duration,
     ) {
-        observer.on_retry(&RetryEvent {
-            request,
-            failed_attempt,
-            reason,
-            backoff,
-        });
+        if let Some(observer) = observer {
+            observer.on_retry(&RetryEvent {
+                request,
+                failed_attempt,
+                reason,
+                backoff,
+            });
+        }
         tracing::debug!(
             parent: &self.request,
             attempt = failed_attempt,
@@ -143,16 +147,18 @@ impl Report {
     /// A retryable failure was not retried.
     pub(crate) fn retry_denied(
         &self,
-        observer: &dyn Observer,
+        observer: Option<&dyn Observer>,
         request: RequestFacts<'_>,
         failed_attempt: u32,
         reason: RetryDenied,
     ) {
-        observer.on_retry_denied(&RetryDeniedEvent {
-            request,
-            failed_attempt,
-            reason,
-        });
+        if let Some(observer) = observer {
+            observer.on_retry_denied(&RetryDeniedEvent {
+                request,
+                failed_attempt,
+                reason,
+            });
+        }
         tracing::debug!(
             parent: &self.request,
             attempt = failed_attempt,
@@ -164,17 +170,19 @@ impl Report {
     /// A breaker changed state.
     pub(crate) fn transition(
         &self,
-        observer: &dyn Observer,
+        observer: Option<&dyn Observer>,
         key: Option<&str>,
         transition: Transition,
     ) {
         let open_for = transition.open_nanos.map(Duration::from_nanos);
-        observer.on_circuit_transition(&CircuitEvent {
-            key,
-            from: transition.from,
-            to: transition.to,
-            open_for,
-        });
+        if let Some(observer) = observer {
+            observer.on_circuit_transition(&CircuitEvent {
+                key,
+                from: transition.from,
+                to: transition.to,
+                open_for,
+            });
+        }
         tracing::warn!(
             parent: &self.request,
             key = key.unwrap_or("-"),
@@ -187,20 +195,22 @@ impl Report {
 
     /// The request was answered without calling the upstream.
     pub(crate) fn rejected(
-        observer: &dyn Observer,
+        observer: Option<&dyn Observer>,
         request: RequestFacts<'_>,
         kind: FailureKind,
         retry_after: Duration,
     ) {
-        observer.on_rejected(&RejectedEvent {
-            request,
-            kind,
-            retry_after,
-        });
+        if let Some(observer) = observer {
+            observer.on_rejected(&RejectedEvent {
+                request,
+                kind,
+                retry_after,
+            });
+        }
     }
 
     /// The final response was produced.
-    pub(crate) fn response(&self, observer: &dyn Observer, event: ResponseEvent<'_>) {
+    pub(crate) fn response(&self, observer: Option<&dyn Observer>, event: ResponseEvent<'_>) {
         let span = &self.request;
         if !span.is_disabled() {
             span.record("http.response.status_code", event.status.as_u16());
@@ -212,7 +222,9 @@ impl Report {
                 Outcome::Success => span,
             };
         }
-        observer.on_response(&event);
+        if let Some(observer) = observer {
+            observer.on_response(&event);
+        }
     }
 }
 

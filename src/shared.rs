@@ -24,7 +24,8 @@ pub(crate) struct Shared {
     pub(crate) upstream_name: Option<Arc<str>>,
     pub(crate) expose_error_details: bool,
     pub(crate) classifier: Box<dyn Classify>,
-    pub(crate) observer: Box<dyn Observer>,
+    /// `None` when nobody listens: no event is built.
+    pub(crate) observer: Option<Box<dyn Observer>>,
     pub(crate) failure_hook: Option<Box<FailureHook>>,
     pub(crate) budget: Option<Budgets>,
     /// Behind their own reference count, which operator handles share.
