@@ -176,7 +176,10 @@
 //!   rejections and circuit states through the `metrics` facade, with bounded
 //!   labels (see its module docs for every metric).
 //! - `serde`: [`GuardConfig`], a layer's whole configuration from a config file
-//!   (TOML, YAML, JSON...), with durations written like `"800ms"`.
+//!   (TOML, YAML, JSON...), with durations written like `"800ms"`; `Deserialize`
+//!   and `Serialize` for [`RetryPolicy`] and [`BreakerPolicy`], `Serialize` for
+//!   [`BreakerSnapshot`](breaker::BreakerSnapshot) (health endpoints). Without it
+//!   the crate does not depend on serde.
 //!
 //! The minimum supported Rust version is 1.85.
 
