@@ -98,6 +98,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_post_with_a_grpc_content_type_is_a_grpc_call() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&Method::POST, &headers));
+        assert!(!is_grpc(&Method::GET, &headers));
+        assert!(!is_grpc(&Method::POST, &HeaderMap::new()));
+    }
+
+    #[test]
     fn parses_every_unit() {
         assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
         assert_eq!(parse_grpc_timeout(b"3M"), Some(Duration::from_secs(180)));

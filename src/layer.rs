@@ -83,6 +83,12 @@ impl<S> Layer<S> for UpstreamGuardLayer {
     }
 }
 
+/// [`Builder::attempt_timeout`]'s default (also a config file's).
+pub(crate) const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`Builder::deadline`]'s default (also a config file's).
+pub(crate) const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Configures an [`UpstreamGuardLayer`].
 ///
 /// Defaults, chosen to be safe in production:
@@ -115,8 +121,8 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            attempt_timeout: Duration::from_secs(5),
-            deadline: Duration::from_secs(15),
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            deadline: DEFAULT_DEADLINE,
             body_idle_timeout: None,
             retry: RetryPolicy::default(),
             circuit_breaker: Some(BreakerPolicy::default()),
@@ -269,7 +275,7 @@ impl Builder {
                 return Err(ConfigError::new("upstream_name", "must not be empty"));
             }
         }
-        validate_retry(&self.retry)?;
+        self.retry.validate()?;
         if let Some(breaker) = &self.circuit_breaker {
             breaker.validate()?;
         }
@@ -281,7 +287,10 @@ impl Builder {
             .circuit_breaker
             .as_ref()
             .map_or(0, BreakerPolicy::keyed_capacity);
-        let budget = self.retry.budget.map(|config| Budgets::new(config, keys));
+        let budget = self
+            .retry
+            .budget_config()
+            .map(|config| Budgets::new(config, keys));
         let breakers = self
             .circuit_breaker
             .as_ref()
@@ -308,59 +317,4 @@ impl Builder {
             }),
         }
     }
-}
-
-/// The most attempts a request may get: more only multiplies load on an upstream
-/// that is already failing.
-const MAX_ATTEMPTS: u32 = 10;
-
-/// The largest body the guard will hold per request for replay.
-const MAX_REPLAY_BODY: usize = 16 * 1024 * 1024;
-
-fn validate_retry(retry: &RetryPolicy) -> Result<(), ConfigError> {
-    if retry.max_attempts == 0 {
-        return Err(ConfigError::new(
-            "retry.max_attempts",
-            "must be at least 1 (1 means no retries)",
-        ));
-    }
-    if retry.max_attempts > MAX_ATTEMPTS {
-        return Err(ConfigError::new(
-            "retry.max_attempts",
-            format!("must be at most {MAX_ATTEMPTS}, got {}", retry.max_attempts),
-        ));
-    }
-    if retry.backoff_base.is_zero() {
-        return Err(ConfigError::new(
-            "retry.backoff_base",
-            "must be greater than zero",
-        ));
-    }
-    if retry.backoff_max < retry.backoff_base {
-        return Err(ConfigError::new(
-            "retry.backoff_max",
-            "must not be shorter than retry.backoff_base",
-        ));
-    }
-    if retry.max_replay_body > MAX_REPLAY_BODY {
-        return Err(ConfigError::new(
-            "retry.max_replay_body",
-            format!("must be at most {MAX_REPLAY_BODY} bytes"),
-        ));
-    }
-    if let Some(budget) = &retry.budget {
-        if !budget.ratio.is_finite() || !(0.0..=1000.0).contains(&budget.ratio) {
-            return Err(ConfigError::new(
-                "retry.budget_ratio",
-                format!("must be a number from 0 to 1000, got {}", budget.ratio),
-            ));
-        }
-        if budget.ttl < Duration::from_secs(1) || budget.ttl > Duration::from_secs(60) {
-            return Err(ConfigError::new(
-                "retry.budget_window",
-                "must be from 1 to 60 seconds",
-            ));
-        }
-    }
-    Ok(())
 }

@@ -91,7 +91,7 @@
 //! `Content-Length`, no body for `HEAD`, and a [`GuardFailure`] in its extensions.
 //! The inner error's text is left out unless
 //! [`expose_error_details`](Builder::expose_error_details) is on. gRPC requests
-//! (`content-type: application/grpc*`) get HTTP 200 with `grpc-status` 14
+//! (`POST` with `content-type: application/grpc*`) get HTTP 200 with `grpc-status` 14
 //! (`UNAVAILABLE`) for 502/503 or 4 (`DEADLINE_EXCEEDED`) for 504 and 408.
 //! [`map_failure_response`](Builder::map_failure_response) can change or replace
 //! any synthesized response; `Content-Length` and the `HEAD` rule are applied
@@ -176,7 +176,10 @@
 //!   rejections and circuit states through the `metrics` facade, with bounded
 //!   labels (see its module docs for every metric).
 //! - `serde`: [`GuardConfig`], a layer's whole configuration from a config file
-//!   (TOML, YAML, JSON...), with durations written like `"800ms"`.
+//!   (TOML, YAML, JSON...), with durations written like `"800ms"`; `Deserialize`
+//!   and `Serialize` for [`RetryPolicy`] and [`BreakerPolicy`], `Serialize` for
+//!   [`BreakerSnapshot`](breaker::BreakerSnapshot) (health endpoints). Without it
+//!   the crate does not depend on serde.
 //!
 //! The minimum supported Rust version is 1.85.
 

@@ -31,6 +31,15 @@ mod decision;
 
 pub(crate) use decision::{decide, Decision, Failed, Resend};
 
+use crate::error::ConfigError;
+
+/// The most attempts a request may get: more only multiplies load on an upstream
+/// that is already failing.
+const MAX_ATTEMPTS: u32 = 10;
+
+/// The largest body the guard will hold per request for replay.
+const MAX_REPLAY_BODY: usize = 16 * 1024 * 1024;
+
 /// The retry policy. `RetryPolicy::default()` is production-sane: 3 attempts in
 /// total, 25 ms → 1 s full-jitter backoff, a 20 % retry budget with a floor of 10
 /// retries per second over a 10 s window, `Retry-After` honored up to 5 s, bodies
@@ -46,13 +55,40 @@ pub(crate) use decision::{decide, Decision, Failed, Resend};
 ///     .budget(0.1, 5);
 /// # let _ = upstream_guard::UpstreamGuardLayer::builder().retry(retry).build().unwrap();
 /// ```
+///
+/// With the `serde` feature it is the `[retry]` section of a
+/// [`GuardConfig`](crate::GuardConfig) file: each key is a field below,
+/// durations are written like `"800ms"`, a key left out keeps its
+/// `RetryPolicy::default()` value, and an unknown key is an error.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct RetryPolicy {
+    /// `max_attempts`; see [`RetryPolicy::max_attempts`].
     pub(crate) max_attempts: u32,
+    /// `backoff_base`; see [`RetryPolicy::backoff`].
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub(crate) backoff_base: Duration,
+    /// `backoff_max`; see [`RetryPolicy::backoff`].
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub(crate) backoff_max: Duration,
-    pub(crate) budget: Option<BudgetConfig>,
+    /// `budget_enabled`: `false` after [`RetryPolicy::no_budget`]. The other
+    /// `budget_*` values are kept (and still checked) while it is off.
+    pub(crate) budget_enabled: bool,
+    /// `budget_ratio`; see [`RetryPolicy::budget`].
+    pub(crate) budget_ratio: f64,
+    /// `budget_min_per_second`; see [`RetryPolicy::budget`].
+    pub(crate) budget_min_per_second: u32,
+    /// `budget_window`; see [`RetryPolicy::budget_window`].
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub(crate) budget_window: Duration,
+    /// `max_retry_after`; see [`RetryPolicy::max_retry_after`].
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub(crate) max_retry_after: Duration,
+    /// `max_replay_body`, in bytes; see [`RetryPolicy::max_replay_body`].
     pub(crate) max_replay_body: usize,
 }
 
@@ -70,11 +106,10 @@ impl Default for RetryPolicy {
             max_attempts: 3,
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_secs(1),
-            budget: Some(BudgetConfig {
-                ratio: 0.2,
-                min_per_second: 10,
-                ttl: Duration::from_secs(10),
-            }),
+            budget_enabled: true,
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+            budget_window: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(5),
             max_replay_body: 64 * 1024,
         }
@@ -83,7 +118,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// No retries: every request gets exactly one attempt, and bodies are never
-    /// buffered.
+    /// buffered. In a config file: `max_attempts = 1`.
     pub fn disabled() -> Self {
         RetryPolicy {
             max_attempts: 1,
@@ -108,33 +143,27 @@ impl RetryPolicy {
 
     /// The retry budget: retries may be at most `ratio` of the requests of the last
     /// 10 seconds, plus `min_per_second` retries per second (so a quiet client can
-    /// still retry). Defaults: 0.2 and 10.
+    /// still retry). Defaults: 0.2 and 10. Turns the budget back on after
+    /// [`no_budget`](Self::no_budget).
     pub fn budget(mut self, ratio: f64, min_per_second: u32) -> Self {
-        let ttl = self.budget.map_or(Duration::from_secs(10), |b| b.ttl);
-        self.budget = Some(BudgetConfig {
-            ratio,
-            min_per_second,
-            ttl,
-        });
+        self.budget_enabled = true;
+        self.budget_ratio = ratio;
+        self.budget_min_per_second = min_per_second;
         self
     }
 
     /// How long deposits into the retry budget count (default 10 s, 1 to 60 s).
+    /// Turns the budget back on after [`no_budget`](Self::no_budget).
     pub fn budget_window(mut self, ttl: Duration) -> Self {
-        let mut budget = self.budget.unwrap_or(BudgetConfig {
-            ratio: 0.2,
-            min_per_second: 10,
-            ttl,
-        });
-        budget.ttl = ttl;
-        self.budget = Some(budget);
+        self.budget_enabled = true;
+        self.budget_window = ttl;
         self
     }
 
     /// Turns the retry budget off: every retryable failure is retried up to
     /// `max_attempts`. Only do this when something else bounds retry load.
     pub fn no_budget(mut self) -> Self {
-        self.budget = None;
+        self.budget_enabled = false;
         self
     }
 
@@ -151,6 +180,64 @@ impl RetryPolicy {
     pub fn max_replay_body(mut self, bytes: usize) -> Self {
         self.max_replay_body = bytes;
         self
+    }
+
+    /// The retry budget's parameters; `None` when it is off.
+    pub(crate) fn budget_config(&self) -> Option<BudgetConfig> {
+        self.budget_enabled.then_some(BudgetConfig {
+            ratio: self.budget_ratio,
+            min_per_second: self.budget_min_per_second,
+            ttl: self.budget_window,
+        })
+    }
+
+    /// Checks every value, naming the offending one by its config file key.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "retry.max_attempts",
+                "must be at least 1 (1 means no retries)",
+            ));
+        }
+        if self.max_attempts > MAX_ATTEMPTS {
+            return Err(ConfigError::new(
+                "retry.max_attempts",
+                format!("must be at most {MAX_ATTEMPTS}, got {}", self.max_attempts),
+            ));
+        }
+        if self.backoff_base.is_zero() {
+            return Err(ConfigError::new(
+                "retry.backoff_base",
+                "must be greater than zero",
+            ));
+        }
+        if self.backoff_max < self.backoff_base {
+            return Err(ConfigError::new(
+                "retry.backoff_max",
+                "must not be shorter than retry.backoff_base",
+            ));
+        }
+        if self.max_replay_body > MAX_REPLAY_BODY {
+            return Err(ConfigError::new(
+                "retry.max_replay_body",
+                format!("must be at most {MAX_REPLAY_BODY} bytes"),
+            ));
+        }
+        if let Some(budget) = self.budget_config() {
+            if !budget.ratio.is_finite() || !(0.0..=1000.0).contains(&budget.ratio) {
+                return Err(ConfigError::new(
+                    "retry.budget_ratio",
+                    format!("must be a number from 0 to 1000, got {}", budget.ratio),
+                ));
+            }
+            if budget.ttl < Duration::from_secs(1) || budget.ttl > Duration::from_secs(60) {
+                return Err(ConfigError::new(
+                    "retry.budget_window",
+                    "must be from 1 to 60 seconds",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether more than one attempt is allowed.

@@ -469,6 +469,7 @@ async fn a_dropped_request_gives_back_its_probe_and_permit() {
     );
 }
 
+#[cfg(feature = "serde")]
 #[tokio::test]
 async fn snapshots_serialize_to_json_for_health_endpoints() {
     let upstream = Upstream::start().await;

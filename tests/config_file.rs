@@ -19,7 +19,6 @@ upstream_name = "inventory"
 expose_error_details = true
 
 [retry]
-enabled = true
 max_attempts = 4
 backoff_base = "10ms"
 backoff_max = "400ms"
@@ -31,7 +30,6 @@ max_retry_after = "2s"
 max_replay_body = 1024
 
 [circuit_breaker]
-enabled = true
 consecutive_failures = 7
 failure_rate = 0.4
 slow_call_rate = 0.9
@@ -233,22 +231,26 @@ fn invalid_values_are_config_errors_naming_the_field() {
 }
 
 #[test]
-fn disabled_sections_turn_features_off() {
-    let config =
-        parse("[retry]\nenabled = false\nmax_attempts = 5\n[circuit_breaker]\nenabled = false")
-            .unwrap();
+fn one_attempt_and_circuit_breaker_false_turn_features_off() {
+    let config = parse("circuit_breaker = false\n[retry]\nmax_attempts = 1").unwrap();
+    assert_eq!(config.retry, RetryPolicy::disabled());
     let builder = debug(config.clone().into_builder());
-    assert!(builder.contains("max_attempts: 1,"), "{builder}");
     assert!(builder.contains("circuit_breaker: None"), "{builder}");
     let layer = UpstreamGuardLayer::from_config(config).unwrap();
     assert!(layer.breaker_handle().is_none());
 }
 
 #[test]
+fn circuit_breaker_is_a_section_or_false() {
+    let err = parse("circuit_breaker = \"off\"").unwrap_err().to_string();
+    assert!(err.contains("false for no circuit breaker"), "{err}");
+}
+
+#[test]
 fn other_serde_formats_work_too() {
     let config: GuardConfig =
         serde_json::from_str(r#"{"deadline": "20s", "retry": {"max_attempts": 2}}"#).unwrap();
-    assert_eq!(config.deadline, Some(Duration::from_secs(20)));
+    assert_eq!(config.deadline, Duration::from_secs(20));
     UpstreamGuardLayer::from_config(config).unwrap();
 }
 
@@ -256,12 +258,19 @@ fn other_serde_formats_work_too() {
 fn the_example_config_parses_and_builds() {
     let text = include_str!("../examples/config.toml");
     let config = parse(text).expect("examples/config.toml parses");
-    let retry = config.retry.as_ref().expect("has a [retry] section");
-    assert_eq!(retry.max_attempts, Some(3));
-    let breaker = config
-        .circuit_breaker
-        .as_ref()
-        .expect("has a [circuit_breaker] section");
-    assert_eq!(breaker.max_open_for, Some(Duration::from_secs(120)));
+    assert_eq!(
+        config.retry,
+        RetryPolicy::default(),
+        "the example's [retry] section lists the defaults"
+    );
+    let breaker = BreakerPolicy::default()
+        .with_failure_rate(0.5, 20)
+        .with_slow_call_rate(0.8, Duration::from_secs(2), 20)
+        .window(Duration::from_secs(30))
+        .open_for(Duration::from_secs(10))
+        .max_open_for(Duration::from_secs(120))
+        .half_open_probes(2)
+        .concurrency_limit(100);
+    assert_eq!(config.circuit_breaker, Some(breaker));
     UpstreamGuardLayer::from_config(config).expect("examples/config.toml is valid");
 }

@@ -325,6 +325,8 @@ where
     rt.block_on(async move {
         let mut req = Request::new(Full::new(Bytes::new()));
         if grpc {
+            // A gRPC call, as every gRPC client sends one: a POST.
+            *req.method_mut() = http::Method::POST;
             req.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/grpc"));
         }

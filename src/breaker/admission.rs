@@ -78,11 +78,11 @@ impl Breakers {
             slow_nanos: config
                 .slow_call_rate
                 .map(|_| nanos(config.slow_call_threshold)),
-            keyed: match config.keying {
+            keyed: match config.keys {
                 Keying::Single => None,
                 _ => Some(Keyed::new(config.max_keys, window)),
             },
-            keying: config.keying.clone(),
+            keying: config.keys.clone(),
             epoch: Instant::now(),
             mode: ModeCell::new(),
             default: Entry::new(window),

@@ -24,6 +24,25 @@ pub(super) enum Keying {
     Custom(Arc<KeyFn>),
 }
 
+impl Keying {
+    /// A key function: code only, it cannot be written to or read from a file.
+    #[cfg(feature = "serde")]
+    fn is_custom(&self) -> bool {
+        matches!(self, Keying::Custom(_))
+    }
+}
+
+/// Two custom keyings are equal when they share the key function.
+impl PartialEq for Keying {
+    fn eq(&self, other: &Keying) -> bool {
+        match (self, other) {
+            (Keying::Single, Keying::Single) | (Keying::Authority, Keying::Authority) => true,
+            (Keying::Custom(a), Keying::Custom(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Debug for Keying {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -52,20 +71,59 @@ impl fmt::Debug for Keying {
 /// let layer = UpstreamGuardLayer::builder().circuit_breaker(breaker).build()?;
 /// # Ok::<(), upstream_guard::ConfigError>(())
 /// ```
-#[derive(Clone, Debug)]
+///
+/// With the `serde` feature it is the `[circuit_breaker]` section of a
+/// [`GuardConfig`](crate::GuardConfig) file: each key is a field below,
+/// durations are written like `"800ms"`, a key left out keeps its
+/// `BreakerPolicy::default()` value, and an unknown key is an error. The trip
+/// policies are independent there: `consecutive_failures` stays 5 when a rate
+/// policy is added, unless set to `0`. A [custom key](Self::per_key) is code
+/// only: `keys` is `"authority"` or `"single"`, and a policy with a custom key
+/// is written without `keys`, so that reading it back keys by authority.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct BreakerPolicy {
+    /// `consecutive_failures`; 0 turns this policy off.
     consecutive_failures: u32,
+    /// `failure_rate`: above 0, at most 1; `None`: off.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     failure_rate: Option<f64>,
+    /// `slow_call_rate`: above 0, at most 1; `None`: off.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub(super) slow_call_rate: Option<f64>,
+    /// `slow_call_threshold`: what counts as slow for `slow_call_rate`.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub(super) slow_call_threshold: Duration,
+    /// `min_calls`: the fewest calls in the window before a rate policy trips.
     min_calls: u32,
+    /// `window`: the rate policies' sliding window.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub(super) window: Duration,
+    /// `open_for`: the first open period.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     open_for: Duration,
-    /// `None`: 60 s, or `open_for` if that is longer.
+    /// `max_open_for`; `None`: 60 s, or `open_for` if that is longer.
+    #[cfg_attr(
+        feature = "serde",
+        serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")
+    )]
     max_open_for: Option<Duration>,
-    probes: u32,
-    pub(super) keying: Keying,
+    /// `half_open_probes`.
+    half_open_probes: u32,
+    /// `keys`: `"authority"` or `"single"`, or a key function (code only).
+    #[cfg_attr(
+        feature = "serde",
+        serde(with = "keying", skip_serializing_if = "Keying::is_custom")
+    )]
+    pub(super) keys: Keying,
+    /// `max_keys`.
     pub(super) max_keys: usize,
+    /// `concurrency_limit`; `None`: no cap.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     concurrency_limit: Option<u32>,
 }
 
@@ -80,8 +138,8 @@ impl Default for BreakerPolicy {
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
             max_open_for: None,
-            probes: 1,
-            keying: Keying::Authority,
+            half_open_probes: 1,
+            keys: Keying::Authority,
             max_keys: 1024,
             concurrency_limit: None,
         }
@@ -160,13 +218,13 @@ impl BreakerPolicy {
     /// How many probe requests a half-open breaker lets through (default 1). All
     /// must succeed to close it; any failure opens it again.
     pub fn half_open_probes(mut self, probes: u32) -> Self {
-        self.probes = probes;
+        self.half_open_probes = probes;
         self
     }
 
     /// One breaker for all requests, whatever their upstream.
     pub fn single(mut self) -> Self {
-        self.keying = Keying::Single;
+        self.keys = Keying::Single;
         self
     }
 
@@ -174,7 +232,7 @@ impl BreakerPolicy {
     /// without an authority (e.g. behind `axum::Router::layer`, where URIs are
     /// paths) share one breaker.
     pub fn per_authority(mut self) -> Self {
-        self.keying = Keying::Authority;
+        self.keys = Keying::Authority;
         self
     }
 
@@ -191,7 +249,7 @@ impl BreakerPolicy {
     where
         F: for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync + 'static,
     {
-        self.keying = Keying::Custom(Arc::new(key));
+        self.keys = Keying::Custom(Arc::new(key));
         self
     }
 
@@ -231,7 +289,7 @@ impl BreakerPolicy {
     /// How many keyed breakers there can be: `max_keys`, or 0 for a single
     /// breaker. Per-key state kept elsewhere (retry budgets) is sized by it.
     pub(crate) fn keyed_capacity(&self) -> usize {
-        match self.keying {
+        match self.keys {
             Keying::Single => 0,
             _ => self.max_keys,
         }
@@ -291,7 +349,7 @@ impl BreakerPolicy {
                 "must not be shorter than circuit_breaker.open_for",
             ));
         }
-        if self.probes == 0 || self.probes > MAX_PROBES {
+        if self.half_open_probes == 0 || self.half_open_probes > MAX_PROBES {
             return Err(ConfigError::new(
                 "circuit_breaker.half_open_probes",
                 format!("must be from 1 to {MAX_PROBES}"),
@@ -321,7 +379,7 @@ impl BreakerPolicy {
             min_calls: self.min_calls,
             open_nanos: nanos(self.open_for),
             max_open_nanos: nanos(self.effective_max_open_for()),
-            probes: self.probes,
+            probes: self.half_open_probes,
         }
     }
 }
@@ -333,4 +391,40 @@ const DEFAULT_MAX_OPEN_FOR: Duration = Duration::from_secs(60);
 /// nanoseconds since their epoch.
 pub(super) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The `keys` of a config file: how requests are grouped into breakers.
+#[cfg(feature = "serde")]
+mod keying {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Keying;
+
+    /// The groupings a file can name; a key function is code only.
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Named {
+        /// One breaker per request authority.
+        Authority,
+        /// One breaker for every request.
+        Single,
+    }
+
+    pub(super) fn serialize<S: Serializer>(keying: &Keying, s: S) -> Result<S::Ok, S::Error> {
+        match keying {
+            Keying::Authority => Named::Authority.serialize(s),
+            Keying::Single => Named::Single.serialize(s),
+            // Skipped by `skip_serializing_if`; an error rather than a wrong key.
+            Keying::Custom(_) => Err(serde::ser::Error::custom(
+                "a custom breaker key cannot be written to a config file",
+            )),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Keying, D::Error> {
+        Ok(match Named::deserialize(d)? {
+            Named::Authority => Keying::Authority,
+            Named::Single => Keying::Single,
+        })
+    }
 }

@@ -8,9 +8,11 @@ use super::handle::BreakerMode;
 use super::registry::Entry;
 use super::state::CircuitState;
 
-/// A point-in-time view of one breaker, e.g. for a health endpoint. Serializes
-/// to JSON with durations in milliseconds (`until_half_open_ms`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// A point-in-time view of one breaker, e.g. for a health endpoint. With the
+/// `serde` feature it serializes (e.g. to JSON) with durations in milliseconds
+/// (`until_half_open_ms`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct BreakerSnapshot {
     /// The state, including an operator's override.
@@ -24,7 +26,10 @@ pub struct BreakerSnapshot {
     /// Slow calls in the rate window.
     pub window_slow_calls: u64,
     /// For an open breaker: how long until it lets a probe through.
-    #[serde(rename = "until_half_open_ms", serialize_with = "millis")]
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "until_half_open_ms", serialize_with = "millis")
+    )]
     pub until_half_open: Option<Duration>,
     /// Trips in a row (the open period doubles with each).
     pub trips: u32,
@@ -57,6 +62,7 @@ impl BreakerSnapshot {
 }
 
 /// Serializes an optional duration as whole milliseconds.
+#[cfg(feature = "serde")]
 fn millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),

@@ -35,10 +35,14 @@ const COUNT_MASK: u64 = 0x3ff;
 /// Most probes a half-open breaker can be configured to admit.
 pub(crate) const MAX_PROBES: u32 = COUNT_MASK as u32;
 
-/// A breaker's state. Serializes as its [`as_str`](CircuitState::as_str) name.
+/// A breaker's state. With the `serde` feature it serializes as its
+/// [`as_str`](CircuitState::as_str) name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(not(upstream_guard_loom), derive(serde::Serialize))]
-#[cfg_attr(not(upstream_guard_loom), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum CircuitState {
     /// Calls flow; failures are counted.
