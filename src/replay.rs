@@ -106,7 +106,7 @@ where
                 },
                 Poll::Ready(Some(Err(error))) => break End::Failed(error.into()),
                 Poll::Ready(None) => break End::Complete,
-                Poll::Pending if self.buffer.mode() == Mode::Ready => break End::Stream,
+                Poll::Pending if self.buffer.ready_only() => break End::Stream,
                 Poll::Pending => return Poll::Pending,
             }
         };
@@ -173,30 +173,59 @@ pub(crate) enum Fed {
 }
 
 /// Accumulates a request body for replay, bounded by the replay cap.
+///
+/// Small on purpose: it shares the response future's room with the attempt's
+/// future, so every byte here is a byte of every request's future.
 #[derive(Debug)]
 pub(crate) struct BodyBuffer {
-    mode: Mode,
-    cap: usize,
-    first: Option<Bytes>,
-    rest: BytesMut,
-    len: usize,
+    /// The most bytes it takes: the declared length, or the cap if less or if
+    /// the length is unknown (capped at `u32::MAX`; the replay cap is 16 MiB).
+    limit: u32,
+    /// Whether the length is unknown ([`Mode::Ready`]).
+    ready_only: bool,
+    data: Data,
+    /// Boxed: request trailers are rare.
     trailers: Option<Box<HeaderMap>>,
+}
+
+/// The bytes read so far.
+#[derive(Debug)]
+enum Data {
+    Empty,
+    /// The common case, one chunk holding the whole body, kept as it is: no
+    /// copy at all.
+    One(Bytes),
+    /// Several chunks, joined.
+    Joined(BytesMut),
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Empty => 0,
+            Data::One(bytes) => bytes.len(),
+            Data::Joined(joined) => joined.len(),
+        }
+    }
 }
 
 impl BodyBuffer {
     pub(crate) fn new(mode: Mode, cap: usize) -> BodyBuffer {
+        let (limit, ready_only) = match mode {
+            Mode::Exact(n) => (usize::try_from(n).unwrap_or(usize::MAX).min(cap), false),
+            Mode::Ready => (cap, true),
+        };
         BodyBuffer {
-            mode,
-            cap,
-            first: None,
-            rest: BytesMut::new(),
-            len: 0,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            ready_only,
+            data: Data::Empty,
             trailers: None,
         }
     }
 
-    pub(crate) fn mode(&self) -> Mode {
-        self.mode
+    /// Whether it takes only what the body has ready (its length is unknown).
+    pub(crate) fn ready_only(&self) -> bool {
+        self.ready_only
     }
 
     /// Adds one frame of the body.
@@ -204,14 +233,9 @@ impl BodyBuffer {
         let frame = frame.map_data(into_bytes);
         match frame.into_data() {
             Ok(data) => {
-                self.len += data.len();
-                let limit = match self.mode {
-                    Mode::Exact(n) => usize::try_from(n).unwrap_or(usize::MAX),
-                    Mode::Ready => self.cap,
-                };
                 // Keep the data even on overflow: it becomes the streamed prefix.
                 self.push(data);
-                if self.len > limit || self.len > self.cap {
+                if self.data.len() > self.limit as usize {
                     Fed::Overflow
                 } else {
                     Fed::More
@@ -233,31 +257,33 @@ impl BodyBuffer {
         if data.is_empty() {
             return;
         }
-        // The common case, one chunk holding the whole body, keeps that chunk
-        // as it is: no copy at all.
-        match self.first.take() {
-            None if self.rest.is_empty() => self.first = Some(data),
-            first => {
-                if self.rest.is_empty() {
-                    let hint = match self.mode {
-                        Mode::Exact(n) => usize::try_from(n).unwrap_or(self.cap),
-                        Mode::Ready => 0,
-                    };
-                    self.rest.reserve(hint.min(self.cap).max(self.len));
-                }
-                if let Some(first) = first {
-                    self.rest.extend_from_slice(&first);
-                }
-                self.rest.extend_from_slice(&data);
+        self.data = match std::mem::replace(&mut self.data, Data::Empty) {
+            Data::Empty => Data::One(data),
+            Data::One(first) => {
+                // A known length is reserved at once; an unknown one grows.
+                let room = if self.ready_only {
+                    first.len() + data.len()
+                } else {
+                    self.limit as usize
+                };
+                let mut joined = BytesMut::with_capacity(room.max(first.len() + data.len()));
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&data);
+                Data::Joined(joined)
             }
-        }
+            Data::Joined(mut joined) => {
+                joined.extend_from_slice(&data);
+                Data::Joined(joined)
+            }
+        };
     }
 
     /// Everything read so far, as one buffer.
     fn bytes(&mut self) -> Bytes {
-        match self.first.take() {
-            Some(first) => first,
-            None => std::mem::take(&mut self.rest).freeze(),
+        match std::mem::replace(&mut self.data, Data::Empty) {
+            Data::Empty => Bytes::new(),
+            Data::One(bytes) => bytes,
+            Data::Joined(joined) => joined.freeze(),
         }
     }
 
