@@ -80,19 +80,11 @@ impl<S> Kept<S> {
         }
     }
 
-    fn authority(&self) -> Option<&str> {
+    fn authority(&self) -> Option<&Authority> {
         match self {
             Kept::Nothing => None,
-            Kept::Facts { authority, .. } => authority.as_ref().map(Authority::as_str),
-            Kept::Again(again) => again.head.authority().map(Authority::as_str),
-        }
-    }
-
-    fn authority_owned(&self) -> Option<Authority> {
-        match self {
-            Kept::Nothing => None,
-            Kept::Facts { authority, .. } => authority.clone(),
-            Kept::Again(again) => again.head.authority().cloned(),
+            Kept::Facts { authority, .. } => authority.as_ref(),
+            Kept::Again(again) => again.head.authority(),
         }
     }
 
@@ -265,7 +257,10 @@ where
     fn facts(&self) -> RequestFacts<'_> {
         RequestFacts {
             method: &self.method,
-            upstream: upstream_name(self.shared.upstream_name.as_deref(), self.kept.authority()),
+            upstream: upstream_name(
+                self.shared.upstream_name.as_deref(),
+                self.kept.authority().map(Authority::as_str),
+            ),
         }
     }
 
@@ -675,7 +670,7 @@ where
             .with_source(source);
         match &self.shared.upstream_name {
             Some(name) => failure.with_upstream(Some(name.clone())),
-            None => failure.with_authority(self.kept.authority_owned()),
+            None => failure.with_authority(self.kept.authority().cloned()),
         }
     }
 
