@@ -35,7 +35,7 @@ use tower_service::Service;
 use tracing::Span;
 
 use crate::body::{RequestBody, ResponseBody, SendState, SendWatch};
-use crate::breaker::{KeyCache, Record, Target, Ticket, Transition};
+use crate::breaker::{Record, Target, Ticket, Transition};
 use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
 use crate::failure::{FailureKind, GuardFailure};
@@ -233,12 +233,7 @@ where
     /// The request is admitted to its circuit breaker (and concurrency cap) only
     /// when its first attempt is about to be sent: a client that is slow to send
     /// a body the guard must buffer holds no half-open probe and no permit.
-    pub(crate) fn start(
-        request: Request<B>,
-        inner: &mut S,
-        shared: Arc<Shared>,
-        key_cache: &mut KeyCache,
-    ) -> Self {
+    pub(crate) fn start(request: Request<B>, inner: &mut S, shared: Arc<Shared>) -> Self {
         let (parts, body) = request.into_parts();
         let info = Info::new(&parts);
         let budget = inbound_deadline(&shared, &info, &parts);
@@ -247,7 +242,7 @@ where
             .shared
             .breakers
             .as_ref()
-            .map(|breakers| breakers.target(&parts, key_cache));
+            .map(|breakers| breakers.target(&parts));
         if ctx.info.is_grpc {
             // The caller's gRPC deadline runs from when it sent the request, and we
             // must tell the upstream how much of it is left: start the clock now.
