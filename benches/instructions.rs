@@ -9,7 +9,9 @@
 //! Groups: `peers` (GET and POST 4 KiB through each peer, plus diagnostic GET
 //! rows that take the guard apart), `open_circuit` (a GET rejected by an open
 //! breaker, the response body read to its end), `many_keys` (a GET to one of
-//! 10,000 authorities after every one was called once), `axum_app`.
+//! 10,000 authorities after every one was called once), `axum_app`,
+//! `cloned_service` (a GET through a fresh clone of the guard, as axum's router
+//! and hyper's `TowerToHyperService` call it: per-service state is cold).
 //!
 //! Run: `cargo bench --bench instructions` (needs valgrind and
 //! `cargo install gungraun-runner --version 0.20.0`). Building it
@@ -123,7 +125,7 @@ where
 /// `peer` after one call to each of `keys` authorities; the measured call goes to
 /// the first authority again (for the guard's default registry of 1024 keys and
 /// 10,000 authorities, long evicted: an insert that evicts; for a registry that
-/// holds them all, a lookup that misses the service's one-key cache).
+/// holds them all, a lookup that misses the thread's cache of recent keys).
 fn prepare_keys((peer, keys): (Peer, usize)) -> Prepared {
     with_peer!(peer, inner, svc => prepare_keys_with(keys, svc))
 }
@@ -208,6 +210,31 @@ fn prepare_axum(path: &'static str) -> Prepared {
     prepare_with_request(app, request)
 }
 
+/// `UpstreamGuardLayer::new()` called through a fresh clone for every request,
+/// as axum's router and hyper's `TowerToHyperService` do: whatever a service
+/// keeps between calls is gone, only state shared by the clones is warm. The
+/// clone (and dropping it) is part of the measured call.
+fn prepare_cloned(scenario: Scenario) -> Prepared {
+    let svc = tower::Layer::layer(
+        &upstream_guard::UpstreamGuardLayer::new(),
+        inner::<upstream_guard::RequestBody<Body>>(),
+    );
+    let template = Template::new(scenario);
+    let rt = support::current_thread_runtime();
+    {
+        let _entered = rt.enter();
+        let warm = call_now(&mut svc.clone(), template.request()).status();
+        assert_eq!(warm, StatusCode::OK);
+    }
+    let mut request = Some(template.request());
+    let call = Box::new(move || {
+        let request = request.take().expect("one call per benchmark");
+        let _keep = &template;
+        call_now(&mut svc.clone(), request).status()
+    });
+    Prepared { rt, call }
+}
+
 #[library_benchmark]
 #[bench::bare_get(args = (Peer::Bare, Scenario::Get), setup = prepare)]
 #[bench::bare_post_4k(args = (Peer::Bare, Scenario::Post4k), setup = prepare)]
@@ -260,6 +287,12 @@ fn axum_request(prepared: Prepared) -> (StatusCode, Prepared) {
     run(prepared)
 }
 
+#[library_benchmark]
+#[bench::upstream_guard_get(args = (Scenario::Get), setup = prepare_cloned)]
+fn cloned_per_request(prepared: Prepared) -> (StatusCode, Prepared) {
+    run(prepared)
+}
+
 /// Makes the prepared call inside the runtime's context.
 #[inline(always)]
 fn run(mut prepared: Prepared) -> (StatusCode, Prepared) {
@@ -278,10 +311,12 @@ library_benchmark_group!(
     benchmarks = [keyed_call, failing_keyed_call]
 );
 library_benchmark_group!(name = axum_app, benchmarks = [axum_request]);
+library_benchmark_group!(name = cloned_service, benchmarks = [cloned_per_request]);
 
 main!(
     library_benchmark_groups = peers,
     open_circuit,
     many_keys,
-    axum_app
+    axum_app,
+    cloned_service
 );

@@ -95,7 +95,7 @@ impl fmt::Debug for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breaker::{BreakerPolicy, KeyCache};
+    use crate::breaker::BreakerPolicy;
 
     /// Breakers with room for one key, so each new key evicts the last one.
     fn one_key() -> Arc<Breakers> {
@@ -107,7 +107,7 @@ mod tests {
             .body(())
             .expect("a valid request")
             .into_parts();
-        breakers.target(&parts, &mut KeyCache::default())
+        breakers.target(&parts)
     }
 
     fn in_flight(breakers: &Breakers, target: Target) -> u32 {

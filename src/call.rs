@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::breaker::{KeyCache, Record, Target, Ticket};
+use crate::breaker::{Record, Target, Ticket};
 use crate::bulkhead::Permit;
 use crate::classify::ResponseClass;
 use crate::clock::{Clock, Times};
@@ -170,15 +170,10 @@ where
     B: Body + Unpin,
 {
     /// A request as it arrives: named, and its breaker found (not admitted).
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        parts: &Parts,
-        is_grpc: bool,
-        key_cache: &mut KeyCache,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, parts: &Parts, is_grpc: bool) -> Self {
         let authority = parts.uri.authority().map(Authority::as_str);
         let upstream = upstream_name(shared.upstream_name.as_deref(), authority);
-        let target = (shared.breakers.as_ref()).map(|b| b.target(parts, key_cache));
+        let target = (shared.breakers.as_ref()).map(|b| b.target(parts));
         Call {
             report: Report::new(&parts.method, upstream),
             method: parts.method.clone(),

@@ -36,7 +36,6 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::breaker::KeyCache;
 use crate::call::{Call, Rejection, Sending};
 use crate::clock::Clock;
 use crate::grpc;
@@ -89,12 +88,7 @@ where
 {
     /// Starts a guarded request: the first attempt is sent at once unless a
     /// body must be read first to be sent again on a retry.
-    pub(crate) fn start(
-        request: Request<B>,
-        inner: &mut S,
-        shared: Arc<Shared>,
-        key_cache: &mut KeyCache,
-    ) -> Self {
+    pub(crate) fn start(request: Request<B>, inner: &mut S, shared: Arc<Shared>) -> Self {
         let headers = request.headers();
         let is_grpc = grpc::is_grpc(request.method(), headers);
         let inbound = is_grpc.then(|| grpc::inbound_timeout(headers)).flatten();
@@ -108,7 +102,7 @@ where
         let plan = Plan::for_body(request.body(), retry.enabled(), retry.max_replay_body);
         let cap = retry.max_replay_body;
         let (parts, body) = request.into_parts();
-        let mut call = Call::new(shared, &parts, is_grpc, key_cache);
+        let mut call = Call::new(shared, &parts, is_grpc);
         let sent = match plan {
             Plan::Stream => call.send_streamed(inner, parts, body, clock.times_mut()),
             Plan::Empty => call.send_empty(inner, parts, body, clock.times_mut()),
@@ -134,7 +128,7 @@ where
         let (parts, _body) = request.into_parts();
         let clock = Clock::new(shared.deadline, None, shared.attempt_timeout);
         let is_grpc = grpc::is_grpc(&parts.method, &parts.headers);
-        let mut call = Call::new(shared, &parts, is_grpc, &mut KeyCache::default());
+        let mut call = Call::new(shared, &parts, is_grpc);
         let rejection = Some(call.not_ready(&parts, error));
         let state = State::Rejected { rejection };
         ResponseFuture { state, clock, call }

@@ -57,7 +57,7 @@ const MAX_REPLAY_BODY: usize = 16 * 1024 * 1024;
 /// ```
 ///
 /// With the `serde` feature it is the `[retry]` section of a
-/// [`GuardConfig`](crate::GuardConfig) file: each key is a field below,
+/// `GuardConfig` file: each key is a field below,
 /// durations are written like `"800ms"`, a key left out keeps its
 /// `RetryPolicy::default()` value, and an unknown key is an error.
 #[derive(Clone, Debug, PartialEq)]

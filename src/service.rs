@@ -10,7 +10,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::breaker::{BreakerHandle, KeyCache};
+use crate::breaker::BreakerHandle;
 use crate::future::ResponseFuture;
 use crate::shared::Shared;
 use crate::BoxError;
@@ -28,8 +28,6 @@ pub struct UpstreamGuard<S> {
     shared: Arc<Shared>,
     /// An error from the inner service's `poll_ready`, answered on the next call.
     ready_error: Option<BoxError>,
-    /// The breaker key this service used last, to skip the registry lookup.
-    key_cache: KeyCache,
 }
 
 impl<S> UpstreamGuard<S> {
@@ -38,7 +36,6 @@ impl<S> UpstreamGuard<S> {
             inner,
             shared,
             ready_error: None,
-            key_cache: KeyCache::default(),
         }
     }
 
@@ -70,7 +67,6 @@ impl<S: Clone> Clone for UpstreamGuard<S> {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             ready_error: None,
-            key_cache: self.key_cache.clone(),
         }
     }
 }
@@ -117,11 +113,6 @@ where
         if let Some(error) = self.ready_error.take() {
             return ResponseFuture::not_ready(request, self.shared.clone(), error);
         }
-        ResponseFuture::start(
-            request,
-            &mut self.inner,
-            self.shared.clone(),
-            &mut self.key_cache,
-        )
+        ResponseFuture::start(request, &mut self.inner, self.shared.clone())
     }
 }

@@ -72,6 +72,7 @@ impl Shared {
     /// the breaker turns away takes no permit, and one the bulkhead turns away
     /// gives its breaker probe back. With the breaker's state and the
     /// transition its admission made, if any, for events.
+    #[inline]
     pub(crate) fn admit(
         &self,
         breakers: &Arc<Breakers>,

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::handle::{BreakerMode, ModeCell};
 use super::policy::{nanos, BreakerPolicy, Keying};
-use super::registry::{Entry, KeyCache, Keyed, Target};
+use super::registry::{Entry, Keyed, Target};
 use super::state::{Admission, CircuitState, Policy, Record, Transition};
 use super::tenancy::{Tenancy, FIRST_GENERATION};
 
@@ -99,7 +99,7 @@ impl Breakers {
     }
 
     /// Which breaker a request belongs to.
-    pub(crate) fn target(&self, parts: &Parts, cache: &mut KeyCache) -> Target {
+    pub(crate) fn target(&self, parts: &Parts) -> Target {
         let Some(keyed) = &self.keyed else {
             return Target::Default;
         };
@@ -108,8 +108,7 @@ impl Breakers {
             Keying::Authority => parts.uri.authority().map(|a| a.as_str()),
             Keying::Custom(f) => f(parts),
         };
-        key.and_then(|k| keyed.target(k, cache))
-            .unwrap_or(Target::Default)
+        key.and_then(|k| keyed.target(k)).unwrap_or(Target::Default)
     }
 
     /// The entry of a target, if the target's key still holds it.
@@ -257,7 +256,7 @@ mod tests {
             .body(())
             .expect("a valid request")
             .into_parts();
-        breakers.target(&parts, &mut KeyCache::default())
+        breakers.target(&parts)
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! | `handle` | [`BreakerHandle`] and [`BreakerMode`]: the operator's override |
 //! | `snapshot` | [`BreakerSnapshot`]: one breaker's state, for health endpoints |
 //! | `registry` | breakers by key, bounded, with CLOCK eviction |
+//! | `recent` | each thread's recent key lookups, to skip the registry's map |
 //! | `state` | one breaker's lock-free state machine |
 //! | `window` | the sliding window of the rate policies |
 //! | `tenancy` | which key holds a registry slot, and its requests in flight |
@@ -37,6 +38,7 @@
 mod admission;
 mod handle;
 mod policy;
+mod recent;
 mod registry;
 mod snapshot;
 mod state;
@@ -50,6 +52,6 @@ pub use snapshot::BreakerSnapshot;
 pub use state::CircuitState;
 
 pub(crate) use admission::{Admit, Breakers, Ticket};
-pub(crate) use registry::{KeyCache, Target};
+pub(crate) use registry::Target;
 pub(crate) use state::{Record, Transition};
 pub(crate) use tenancy::Acquired;

@@ -73,7 +73,7 @@ impl fmt::Debug for Keying {
 /// ```
 ///
 /// With the `serde` feature it is the `[circuit_breaker]` section of a
-/// [`GuardConfig`](crate::GuardConfig) file: each key is a field below,
+/// `GuardConfig` file: each key is a field below,
 /// durations are written like `"800ms"`, a key left out keeps its
 /// `BreakerPolicy::default()` value, and an unknown key is an error. The trip
 /// policies are independent there: `consecutive_failures` stays 5 when a rate

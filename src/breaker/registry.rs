@@ -3,8 +3,9 @@
 //! Entries live in fixed chunks that are allocated on first use and never move,
 //! so a request holds only an index and a generation, not a reference count:
 //! nothing on the hot path writes a shared cache line. The key → index map is
-//! behind a `RwLock`, but each service keeps the last key it used (see
-//! [`KeyCache`]), so repeated calls to one upstream skip the map entirely.
+//! behind a `RwLock`, but each thread remembers the keys it looked up recently
+//! (see `recent`), so calls to upstreams a thread has seen skip the map, its
+//! lock and any reference count, however the service is cloned.
 //!
 //! When every entry is taken, a new key evicts one that was not used since the
 //! clock hand last passed it (second-chance / CLOCK eviction), preferring closed
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use super::recent;
 use super::state::Breaker;
 use super::tenancy::Tenancy;
 
@@ -62,12 +64,6 @@ pub(crate) enum Target {
     Keyed { index: u32, generation: u32 },
 }
 
-/// The last key a service looked up, to skip the map next time.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct KeyCache {
-    last: Option<(Arc<str>, u32, u32)>,
-}
-
 struct Index {
     map: HashMap<Arc<str>, u32>,
     keys: Vec<Option<Arc<str>>>,
@@ -76,6 +72,8 @@ struct Index {
 
 /// The keyed entries.
 pub(crate) struct Keyed {
+    /// Names the registry in the threads' caches of recent lookups.
+    id: u64,
     window_nanos: u64,
     max_keys: usize,
     chunks: Box<[OnceLock<Box<[Entry]>>]>,
@@ -95,6 +93,7 @@ impl Keyed {
     pub(crate) fn new(max_keys: usize, window_nanos: u64) -> Keyed {
         let chunks = max_keys.div_ceil(CHUNK);
         Keyed {
+            id: recent::registry_id(),
             window_nanos,
             max_keys,
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
@@ -121,18 +120,16 @@ impl Keyed {
         chunk.get(index % CHUNK)
     }
 
-    /// The entry for `key`: from the cache, the map, or a new (or evicted) slot.
-    pub(crate) fn target(&self, key: &str, cache: &mut KeyCache) -> Option<Target> {
-        if let Some((cached, index, generation)) = &cache.last {
-            if &**cached == key {
-                if let Some(entry) = self.entry(*index) {
-                    if entry.tenancy.generation() == *generation {
-                        entry.touch();
-                        return Some(Target::Keyed {
-                            index: *index,
-                            generation: *generation,
-                        });
-                    }
+    /// The entry for `key`: from the thread's recent lookups, the map, or a new
+    /// (or evicted) slot.
+    pub(crate) fn target(&self, key: &str) -> Option<Target> {
+        if let Some((index, generation)) = recent::get(self.id, key) {
+            if let Some(entry) = self.entry(index) {
+                // Still the key's slot: the generation moves on when the slot
+                // is given to another key.
+                if entry.tenancy.generation() == generation {
+                    entry.touch();
+                    return Some(Target::Keyed { index, generation });
                 }
             }
         }
@@ -145,7 +142,7 @@ impl Keyed {
             None => self.insert(key)?,
         };
         self.entry(index)?.touch();
-        cache.last = Some((key, index, generation));
+        recent::put(self.id, key, index, generation);
         Some(Target::Keyed { index, generation })
     }
 
@@ -247,20 +244,48 @@ mod tests {
     #[test]
     fn the_same_key_gets_the_same_entry() {
         let keyed = Keyed::new(8, WINDOW);
-        let mut cache = KeyCache::default();
-        let a = keyed.target("a:80", &mut cache).unwrap();
-        let mut other = KeyCache::default();
-        assert_eq!(keyed.target("a:80", &mut other), Some(a));
-        assert_eq!(keyed.target("a:80", &mut cache), Some(a));
-        assert_ne!(keyed.target("b:80", &mut cache), Some(a));
+        let a = keyed.target("a:80").unwrap();
+        let from_another_thread = std::thread::scope(|s| s.spawn(|| keyed.target("a:80")).join());
+        assert_eq!(from_another_thread.unwrap(), Some(a));
+        assert_eq!(keyed.target("a:80"), Some(a));
+        assert_ne!(keyed.target("b:80"), Some(a));
+    }
+
+    #[test]
+    fn a_thread_finds_a_key_it_looked_up_before_without_the_maps_lock() {
+        let keyed = &Keyed::new(8, WINDOW);
+        let (ask, asked) = std::sync::mpsc::channel();
+        let (tell, told) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                tell.send(keyed.target("a:80")).unwrap();
+                asked.recv().unwrap();
+                tell.send(keyed.target("a:80")).unwrap();
+            });
+            let first = told.recv().unwrap();
+            let writing = keyed.index.write().unwrap();
+            ask.send(()).unwrap();
+            let again = told.recv_timeout(std::time::Duration::from_secs(1));
+            drop(writing);
+            assert_eq!(again.ok(), Some(first), "found while the map was locked");
+        });
+    }
+
+    #[test]
+    fn a_key_evicted_since_this_thread_saw_it_is_looked_up_again() {
+        let keyed = Keyed::new(1, WINDOW);
+        let a = keyed.target("a").unwrap();
+        keyed.target("b").unwrap();
+        let again = keyed.target("a").unwrap();
+        assert_ne!(again, a, "not the slot's old generation");
+        assert!(keyed.lookup("a").is_some() && keyed.lookup("b").is_none());
     }
 
     #[test]
     fn the_registry_never_grows_past_max_keys() {
         let keyed = Keyed::new(100, WINDOW);
-        let mut cache = KeyCache::default();
         for i in 0..100_000 {
-            assert!(keyed.target(&format!("host-{i}:443"), &mut cache).is_some());
+            assert!(keyed.target(&format!("host-{i}:443")).is_some());
         }
         assert_eq!(keyed.len(), 100);
         assert_eq!(
@@ -273,10 +298,9 @@ mod tests {
     #[test]
     fn an_evicted_entry_gets_a_new_generation() {
         let keyed = Keyed::new(1, WINDOW);
-        let mut cache = KeyCache::default();
-        let first = keyed.target("a", &mut cache).unwrap();
+        let first = keyed.target("a").unwrap();
         // Clear the "recently used" mark so the hand can take it.
-        let second = keyed.target("b", &mut cache).unwrap();
+        let second = keyed.target("b").unwrap();
         match (first, second) {
             (
                 Target::Keyed {
@@ -310,13 +334,12 @@ mod tests {
             probes: 1,
         };
         let keyed = Keyed::new(256, WINDOW);
-        let mut cache = KeyCache::default();
         let fail = Record {
             failure: true,
             slow: false,
         };
         for i in 0..2_000 {
-            let target = keyed.target(&format!("dead-{i}"), &mut cache).unwrap();
+            let target = keyed.target(&format!("dead-{i}")).unwrap();
             let Target::Keyed { index, .. } = target else {
                 panic!("{target:?}")
             };
