@@ -102,14 +102,6 @@ mod tests {
         Arc::new(Breakers::new(&BreakerPolicy::default().max_keys(1)))
     }
 
-    fn target_of(breakers: &Breakers, authority: &str) -> Target {
-        let (parts, ()) = http::Request::get(format!("http://{authority}/"))
-            .body(())
-            .expect("a valid request")
-            .into_parts();
-        breakers.target(&parts)
-    }
-
     fn in_flight(breakers: &Breakers, target: Target) -> u32 {
         let (tenancy, _) = breakers.tenancy(target).expect("a slot");
         tenancy.in_flight()
@@ -119,7 +111,7 @@ mod tests {
     fn permits_are_counted_per_key_up_to_the_limit() {
         let breakers = one_key();
         let bulkhead = Bulkhead::new(2);
-        let target = target_of(&breakers, "a:80");
+        let target = breakers.target_of("a:80");
         let first = bulkhead.acquire(&breakers, target).expect("a permit");
         let second = bulkhead.acquire(&breakers, target).expect("a permit");
         assert!(first.is_some() && second.is_some());
@@ -133,9 +125,9 @@ mod tests {
     fn a_permit_of_an_evicted_key_gives_nothing_back_to_the_new_key() {
         let breakers = one_key();
         let bulkhead = Bulkhead::new(1);
-        let old = target_of(&breakers, "a:80");
+        let old = breakers.target_of("a:80");
         let old_permit = bulkhead.acquire(&breakers, old).expect("a permit");
-        let new = target_of(&breakers, "b:80");
+        let new = breakers.target_of("b:80");
         let new_permit = bulkhead.acquire(&breakers, new).expect("a permit");
         assert!(
             new_permit.is_some(),
@@ -151,8 +143,8 @@ mod tests {
     fn a_request_keyed_before_an_eviction_takes_no_permit_of_the_new_key() {
         let breakers = one_key();
         let bulkhead = Bulkhead::new(1);
-        let old = target_of(&breakers, "a:80");
-        let new = target_of(&breakers, "b:80");
+        let old = breakers.target_of("a:80");
+        let new = breakers.target_of("b:80");
         assert!(matches!(bulkhead.acquire(&breakers, old), Ok(None)));
         assert_eq!(in_flight(&breakers, new), 0);
     }

@@ -248,22 +248,26 @@ impl Breakers {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn target_of(breakers: &Breakers, authority: &str) -> Target {
+impl Breakers {
+    /// The breaker of a GET to `authority`, for tests.
+    pub(crate) fn target_of(&self, authority: &str) -> Target {
         let (parts, ()) = http::Request::get(format!("http://{authority}/"))
             .body(())
             .expect("a valid request")
             .into_parts();
-        breakers.target(&parts)
+        self.target(&parts)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn a_request_admitted_on_an_evicted_key_is_not_counted() {
         let breakers = Breakers::new(&BreakerPolicy::default().max_keys(1));
-        let old = target_of(&breakers, "a:80");
-        target_of(&breakers, "b:80");
+        let old = breakers.target_of("a:80");
+        breakers.target_of("b:80");
         match breakers.admit(old).0 {
             Admit::Go(ticket) => assert!(!ticket.counted, "{ticket:?}"),
             Admit::Reject(kind, _) => panic!("rejected: {kind:?}"),

@@ -109,18 +109,30 @@ mod tests {
         }
     }
 
-    /// Decides with a closed breaker, a 10 s deadline and a budget that pays.
-    fn decide_now(failed: Failed, request: Resend) -> Decision {
+    /// Decides with the default policy, the deadline `left` from now.
+    fn decide_with(
+        failed: Failed,
+        request: Resend,
+        breaker_closed: bool,
+        left: Duration,
+        withdraw: impl FnOnce(Instant) -> bool,
+    ) -> Decision {
         let now = Instant::now();
+        let policy = RetryPolicy::default();
         decide(
-            &RetryPolicy::default(),
+            &policy,
             failed,
             request,
-            true,
+            breaker_closed,
             now,
-            now + 10 * SEC,
-            |_| true,
+            now + left,
+            withdraw,
         )
+    }
+
+    /// Decides with a closed breaker, a 10 s deadline and a budget that pays.
+    fn decide_now(failed: Failed, request: Resend) -> Decision {
+        decide_with(failed, request, true, 10 * SEC, |_| true)
     }
 
     #[test]
@@ -183,16 +195,7 @@ mod tests {
 
     #[test]
     fn an_open_breaker_denies_the_retry() {
-        let now = Instant::now();
-        let decision = decide(
-            &RetryPolicy::default(),
-            failed(),
-            request(),
-            false,
-            now,
-            now + 10 * SEC,
-            |_| true,
-        );
+        let decision = decide_with(failed(), request(), false, 10 * SEC, |_| true);
         assert_eq!(decision, Decision::Deny(RetryDenied::CircuitOpen));
     }
 
@@ -215,49 +218,23 @@ mod tests {
 
     #[test]
     fn a_backoff_that_would_end_past_the_deadline_is_denied() {
-        let now = Instant::now();
         let failed = Failed {
             retry_after: Some(2 * SEC),
             ..failed()
         };
-        let decision = decide(
-            &RetryPolicy::default(),
-            failed,
-            request(),
-            true,
-            now,
-            now + 2 * SEC,
-            |_| true,
-        );
+        let decision = decide_with(failed, request(), true, 2 * SEC, |_| true);
         assert_eq!(decision, Decision::Deny(RetryDenied::Deadline));
     }
 
     #[test]
     fn an_empty_budget_denies_and_is_asked_last() {
-        let now = Instant::now();
-        let decision = decide(
-            &RetryPolicy::default(),
-            failed(),
-            request(),
-            true,
-            now,
-            now + 10 * SEC,
-            |_| false,
-        );
+        let decision = decide_with(failed(), request(), true, 10 * SEC, |_| false);
         assert_eq!(decision, Decision::Deny(RetryDenied::Budget));
         let mut asked = false;
-        let _ = decide(
-            &RetryPolicy::default(),
-            failed(),
-            request(),
-            false,
-            now,
-            now + 10 * SEC,
-            |_| {
-                asked = true;
-                true
-            },
-        );
+        let _ = decide_with(failed(), request(), false, 10 * SEC, |_| {
+            asked = true;
+            true
+        });
         assert!(!asked, "a retry denied for another reason spends nothing");
     }
 }
