@@ -117,19 +117,24 @@ impl Forwarder {
 }
 
 pin_project! {
-    /// A request on its way upstream.
+    /// A request on its way upstream, or already answered: the future a
+    /// connection's service returns. A future of its own rather than an `async`
+    /// block: the guard's response future is large (about 1.5 KB), and an
+    /// `async` block would move it once more on its way to hyper.
     #[project = SendingProj]
     enum Sending {
         Guarded { #[pin] future: upstream_guard::ResponseFuture<UpstreamClient<RequestBody<Incoming>>, Incoming> },
         GuardedWhenReady { #[pin] future: Oneshot<GuardedClient, Request<Incoming>> },
         Plain { #[pin] future: client::ResponseFuture },
+        Answered { response: Option<Response<GatewayBody>> },
     }
 }
 
 impl Future for Sending {
-    type Output = Response<GatewayBody>;
+    type Output = Result<Response<GatewayBody>, Infallible>;
 
-    /// The upstream's response, or what to answer instead; never fails.
+    /// The upstream's response, or what to answer instead, with the
+    /// response's headers rewritten for the caller; never fails.
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let response = match self.project() {
             // The guard's error type is `Infallible`.
@@ -146,8 +151,17 @@ impl Future for Sending {
                     plain_response(StatusCode::BAD_GATEWAY, "bad gateway\n")
                 }
             },
+            // Polled again after it answered: answer again rather than panic.
+            SendingProj::Answered { response } => response.take().unwrap_or_else(|| {
+                plain_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "polled after completion\n",
+                )
+            }),
         };
-        Poll::Ready(response)
+        let (mut parts, body) = response.into_parts();
+        proxy::forward_response(&mut parts);
+        Poll::Ready(Ok(Response::from_parts(parts, body)))
     }
 }
 
@@ -273,27 +287,11 @@ impl Connection {
     }
 
     /// Forwards one request (the shared helper in `examples/common/proxy.rs`
-    /// does the URI and the headers). A failed upstream call is already a
-    /// response, so this never fails.
-    fn forward(
-        &self,
-        request: Request<Incoming>,
-    ) -> impl Future<Output = Result<Response<GatewayBody>, Infallible>> + Send + 'static {
-        let sending = self.hand_over(request);
-        async move {
-            let response = match sending {
-                Ok(sending) => sending.await,
-                Err(response) => response,
-            };
-            let (mut parts, body) = response.into_parts();
-            proxy::forward_response(&mut parts);
-            Ok(Response::from_parts(parts, body))
-        }
-    }
-
-    /// Rewrites the request for its upstream and hands it to the forwarder; a
-    /// request that cannot be forwarded is answered `400` at once.
-    fn hand_over(&self, request: Request<Incoming>) -> Result<Sending, Response<GatewayBody>> {
+    /// does the URI and the headers): rewrites it for its upstream and hands it
+    /// to the forwarder. A request that cannot be forwarded is answered `400`
+    /// at once, and a failed upstream call is already a response, so this never
+    /// fails.
+    fn forward(&self, request: Request<Incoming>) -> Sending {
         // Nothing panics while the lock is held, but a poisoned lock would be
         // harmless anyway: the routes hold no invariant a panic could break.
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
@@ -303,12 +301,12 @@ impl Connection {
         if let Err(error) =
             proxy::forward_request(&mut parts, &route.target, path_and_query, self.caller)
         {
-            return Err(plain_response(
-                StatusCode::BAD_REQUEST,
-                &format!("{error}\n"),
-            ));
+            let response = plain_response(StatusCode::BAD_REQUEST, &format!("{error}\n"));
+            return Sending::Answered {
+                response: Some(response),
+            };
         }
-        Ok(route.forwarder.send(Request::from_parts(parts, body)))
+        route.forwarder.send(Request::from_parts(parts, body))
     }
 }
 
