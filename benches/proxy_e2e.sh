@@ -2,7 +2,7 @@
 # End-to-end reverse-proxy benchmark over loopback, four proxies side by side in
 # one run, all in front of the same upstream:
 #
-#   guarded    examples/gateway/ in proxy mode (axum -> UpstreamGuardLayer -> hyper-util client)
+#   guarded    examples/gateway/ in proxy mode (hyper -> UpstreamGuardLayer -> hyper-util client)
 #   unguarded  the same binary with --no-guard (same client, same header handling)
 #   nginx      Debian's nginx, one worker
 #   haproxy    Debian's HAProxy, one thread
@@ -12,12 +12,20 @@
 # keep-alive connections to the upstream.
 #
 # Placement (2 CPUs): the proxy under test alone on CPU 0; wrk and the upstream
-# share CPU 1. The proxy is what is measured, so it gets a core of its own; the
-# upstream goes beside wrk, where it only has to stay ahead of one proxy core
-# (the `upstream (direct)` row, wrk straight at the upstream, shows how far
-# ahead). Each run also prints how busy each CPU was: a valid run has CPU 0 near
-# 100 % and CPU 1 below it. Every proxy runs single-threaded (its runtime sees
-# one CPU; nginx `worker_processes 1`; HAProxy `nbthread 1`).
+# share CPU 1. The proxy is what is measured, so it gets a CPU of its own; the
+# upstream goes beside wrk rather than beside the proxy, where it would take
+# the same share of every proxy's CPU and so flatten the differences. Every
+# proxy runs single-threaded (the gateway's runtime sees one CPU; nginx
+# `worker_processes 1`; HAProxy `nbthread 1`).
+#
+# On two CPUs the load side is no free lunch: wrk and the upstream keep CPU 1
+# busy too (the `CPU 1 busy` column; the `upstream (direct)` row, wrk straight
+# at the upstream, is the most CPU 1 can drive), so requests/s measure the
+# proxy and, partly, the load side's cost per request. The `requests per proxy
+# CPU-s` column (requests/s divided by the CPU time, user + system, the proxy
+# itself used) measures the proxy alone, and holds up better on a busy
+# machine: each run also records the CPU time of processes this script did not
+# start (`foreign`), which should be near 0 for the numbers to count.
 #
 # Two loads per proxy:
 # - throughput: CONNECTIONS connections, the proxy saturated; requests/s is the
