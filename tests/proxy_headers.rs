@@ -135,6 +135,16 @@ fn every_hop_by_hop_request_header_is_removed_and_end_to_end_ones_are_kept() {
 }
 
 #[test]
+fn each_hop_by_hop_request_header_is_removed_when_it_is_the_only_one() {
+    for (name, hop_value) in HOP_BY_HOP {
+        let parts = forwarded("/", &[(name, hop_value), ("x-end-to-end", "kept")]);
+
+        assert_eq!(values(&parts, name), Vec::<String>::new(), "{name} crossed");
+        assert_eq!(value(&parts, "x-end-to-end").as_deref(), Some("kept"));
+    }
+}
+
+#[test]
 fn headers_named_by_connection_are_removed_in_any_case_and_across_lines() {
     let parts = forwarded(
         "/",
@@ -342,4 +352,27 @@ fn an_ipv4_client_on_a_dual_stack_socket_is_written_as_ipv4() {
         value(&parts, "forwarded").as_deref(),
         Some("for=192.0.2.7;proto=http")
     );
+}
+
+#[test]
+fn an_ipv4_client_is_written_as_display_writes_it() {
+    // Every octet width (1, 2, 3 digits) and its edges, in every position.
+    const OCTETS: [u8; 10] = [0, 1, 9, 10, 99, 100, 199, 200, 250, 255];
+    for a in OCTETS {
+        for b in OCTETS {
+            for c in OCTETS {
+                for d in OCTETS {
+                    let ip = Ipv4Addr::new(a, b, c, d);
+                    let parts = forwarded_from(SocketAddr::new(IpAddr::V4(ip), 51000), "/", &[]);
+
+                    let expected = ip.to_string();
+                    assert_eq!(value(&parts, "x-forwarded-for"), Some(expected.clone()));
+                    assert_eq!(
+                        value(&parts, "forwarded"),
+                        Some(format!("for={expected};proto=http"))
+                    );
+                }
+            }
+        }
+    }
 }

@@ -44,6 +44,7 @@
 //! a dual-stack socket (`::ffff:192.0.2.1`) is written as the IPv4 address it is.
 #![allow(dead_code)]
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
@@ -54,8 +55,9 @@ use http::{request, response, Uri, Version};
 /// proxy: RFC 9110 §7.6.1's list, plus `Proxy-Authenticate` and
 /// `Proxy-Authorization`, which are addressed to the proxy (RFC 9110 §11.7) and
 /// which proxies commonly consume (a caller's proxy credentials are nothing the
-/// upstream should see).
-pub const HOP_BY_HOP: [HeaderName; 9] = [
+/// upstream should see). A `static`, not a `const`: a `const` array of names
+/// is built (and dropped) anew wherever it is used, on every request.
+pub static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -155,6 +157,11 @@ pub fn original_host(parts: &request::Parts) -> Option<HeaderValue> {
 /// (RFC 9110 §7.6.1), in any case and across several `Connection` lines.
 /// Tokens that are no header name (`close`) name nothing to remove.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the few names a message
+    // has tells, for less than the nine lookups that would all miss.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -166,6 +173,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// One of [`HOP_BY_HOP`]. (Any header that `Connection` names is removed too,
+/// but only where there is a `Connection` header, itself one of them.)
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
 /// Records `client` and the request as this proxy received it (see the module
 /// docs): appends to `X-Forwarded-For` and `Forwarded`, replaces
 /// `X-Forwarded-Proto` and `X-Forwarded-Host`.
@@ -175,11 +188,13 @@ pub fn add_forwarding_headers(
     original_host: Option<&HeaderValue>,
 ) {
     let client = client.to_canonical();
-    append_to_list(headers, X_FORWARDED_FOR, client.to_string().as_bytes());
+    let mut ip = String::with_capacity(IP_TEXT_CAPACITY);
+    push_ip(&mut ip, client);
+    append_to_list(headers, X_FORWARDED_FOR, ip.as_bytes());
     append_to_list(
         headers,
         header::FORWARDED,
-        forwarded_element(client, original_host).as_bytes(),
+        forwarded_element(&ip, client.is_ipv6(), original_host).as_bytes(),
     );
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(PROTO));
     match original_host {
@@ -197,24 +212,71 @@ fn append_to_list(headers: &mut HeaderMap, name: HeaderName, entry: &[u8]) {
         list.extend_from_slice(earlier.as_bytes());
         list.extend_from_slice(b", ");
     }
-    list.extend_from_slice(entry);
+    // Usually there is no earlier line: then the entry is the whole list.
+    let whole = if list.is_empty() {
+        entry
+    } else {
+        list.extend_from_slice(entry);
+        &list
+    };
     // Every part is a valid header value (no CR, LF or NUL), so the whole is;
     // should that ever not hold, our entry alone still replaces the claims.
-    let value = HeaderValue::from_bytes(&list)
+    let value = HeaderValue::from_bytes(whole)
         .or_else(|_| HeaderValue::from_bytes(entry))
         .unwrap_or_else(|_| HeaderValue::from_static(""));
     headers.insert(name, value);
 }
 
-/// This hop's `Forwarded` element: `for=192.0.2.1;host=example.com;proto=http`.
-/// An IPv6 address is a `"[...]"` quoted string (RFC 7239 §6); a host with a
-/// port (or anything else outside `token`) is quoted too.
-fn forwarded_element(client: IpAddr, original_host: Option<&HeaderValue>) -> String {
-    let mut element = match client {
-        IpAddr::V4(ip) => format!("for={ip}"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-    };
-    if let Some(host) = original_host.and_then(|h| h.to_str().ok()) {
+/// Room for the longest IP address text (`ffff:...:255.255.255.255`, 45 bytes).
+const IP_TEXT_CAPACITY: usize = 48;
+
+/// Writes `ip` as `Display` would. IPv4 by hand: `Ipv4Addr`'s `Display` goes
+/// through the formatting machinery four times, which costs more than all
+/// the rest of the forwarding headers together.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(ip) => {
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, octet);
+            }
+        }
+        IpAddr::V6(ip) => {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// Writes `n` in decimal, without leading zeros.
+fn push_decimal(out: &mut String, n: u8) {
+    if n >= 100 {
+        out.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + n / 10 % 10));
+    }
+    out.push(char::from(b'0' + n % 10));
+}
+
+/// This hop's `Forwarded` element: `for=192.0.2.1;host=example.com;proto=http`,
+/// for the caller's address written as `ip`. An IPv6 address is a `"[...]"`
+/// quoted string (RFC 7239 §6); a host with a port (or anything else outside
+/// `token`) is quoted too.
+fn forwarded_element(ip: &str, is_ipv6: bool, original_host: Option<&HeaderValue>) -> String {
+    let host = original_host.and_then(|h| h.to_str().ok());
+    let mut element = String::with_capacity(32 + ip.len() + host.map_or(0, str::len));
+    if is_ipv6 {
+        element.push_str("for=\"[");
+        element.push_str(ip);
+        element.push_str("]\"");
+    } else {
+        element.push_str("for=");
+        element.push_str(ip);
+    }
+    if let Some(host) = host {
         element.push_str(";host=");
         push_token_or_quoted(&mut element, host);
     }

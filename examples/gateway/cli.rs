@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::Uri;
 use clap::Parser;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
 
 use crate::guard::{
     GuardSettings, DEFAULT_ATTEMPT_TIMEOUT_MS, DEFAULT_DEADLINE_MS, DEFAULT_FAILURE_THRESHOLD,
@@ -59,7 +59,7 @@ pub struct Cli {
 
 /// What `--help` says first.
 const ABOUT: &str = "\
-A guarded reverse proxy: axum -> UpstreamGuardLayer -> hyper-util client.
+A guarded reverse proxy: hyper -> UpstreamGuardLayer -> hyper-util client.
 
 Without --listen/--upstream, runs a self-contained demo (about 10 s): a fault-injecting
 upstream, a guarded gateway in front of it, and a few hundred requests through it.

@@ -15,9 +15,7 @@ use tower::Layer;
 use crate::guard::{BreakerKeys, GuardSettings};
 use crate::load::drive_load;
 use crate::report::{print_circuit_timeline, print_intro, print_summary, ScenarioRow};
-use crate::server::{
-    gateway_router, upstream_client, Forwarder, Route, Routes, Server, UPSTREAM_SWITCH,
-};
+use crate::server::{upstream_client, Forwarder, Route, Routes, Server, UPSTREAM_SWITCH};
 use crate::stats::{GuardStats, TimelineEvent};
 use crate::upstream::{ReservedPort, Upstream};
 use crate::Failure;
@@ -46,7 +44,7 @@ pub async fn run_demo(settings: &GuardSettings) -> Result<(), Failure> {
     let down = ReservedPort::new();
     let down_addr = down.addr();
     let routes = demo_routes(settings, &stats, upstream.addr(), down_addr)?;
-    let server = Server::start(loopback(0), gateway_router(routes)).await?;
+    let server = Server::start(loopback(0), routes).await?;
     let recovery = tokio::spawn(recover_down_upstream(down, stats.clone()));
 
     let plan = demo_plan();

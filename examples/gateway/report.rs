@@ -122,7 +122,7 @@ pub fn print_intro(
     )?;
     writeln!(
         out,
-        "  gateway         http://{gateway}  (axum -> UpstreamGuardLayer -> hyper-util client)"
+        "  gateway         http://{gateway}  (hyper -> UpstreamGuardLayer -> hyper-util client)"
     )?;
     writeln!(
         out,

@@ -1,26 +1,40 @@
 //! The reverse proxy itself (guarded, or with `--no-guard` not), the server
 //! that runs it, and proxy mode.
+//!
+//! The proxy is a plain hyper service, one per connection: every request is
+//! forwarded whatever its path or method, so there is nothing to route, and
+//! each connection keeps its own copy of the forwarders (see [`Connection`]).
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
-use axum::http::header::{self, HeaderMap, HeaderValue};
-use axum::http::uri::Authority;
-use axum::http::{Request, Response, StatusCode};
-use axum::Router;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
+use hyper_util::client::legacy::{self as client, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use pin_project_lite::pin_project;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tower::{Layer, ServiceExt};
+use tower::util::Oneshot;
+use tower::{Layer, Service, ServiceExt};
 use upstream_guard::observe::NoopObserver;
-use upstream_guard::{RequestBody, UpstreamGuard};
+use upstream_guard::{BoxError, RequestBody, ResponseBody, UpstreamGuard};
 
 use crate::guard::{BreakerKeys, GuardSettings};
 use crate::proxy::{self, Target};
@@ -28,30 +42,37 @@ use crate::Failure;
 
 /// How long a stopping gateway waits for in-flight requests to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server pauses after a failed `accept` (out of file
+/// descriptors, say) before it tries again, rather than spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The header the demo gateway uses to pick the upstream that is down.
 pub const UPSTREAM_SWITCH: &str = "x-demo-upstream";
 
 /// The client that talks to upstreams, over whatever body it is handed.
 type UpstreamClient<B> = Client<HttpConnector, B>;
+/// The guarded client, as every route's guarded forwarder holds it.
+type GuardedClient = UpstreamGuard<UpstreamClient<RequestBody<Incoming>>>;
 
 /// The one place the upstream client is configured, so that the guarded and
 /// the unguarded proxy connect, pool and speak exactly alike.
 pub fn upstream_client<B>() -> UpstreamClient<B>
 where
-    B: http_body::Body + Send,
+    B: Body + Send,
     B::Data: Send,
 {
-    Client::builder(TokioExecutor::new()).build_http()
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// What sends a forwarded request upstream.
 #[derive(Clone, Debug)]
 pub enum Forwarder {
     /// Through the guard; every failure is already a problem+json response.
-    Guarded(UpstreamGuard<UpstreamClient<RequestBody<Body>>>),
+    Guarded(GuardedClient),
     /// Straight to the client (`--no-guard`): a failure is the proxy's own
     /// plain-text `502`.
-    Plain(UpstreamClient<Body>),
+    Plain(UpstreamClient<Incoming>),
 }
 
 impl Forwarder {
@@ -70,21 +91,130 @@ impl Forwarder {
         Forwarder::Plain(upstream_client())
     }
 
-    /// Sends `request` and returns what to answer; never fails.
-    async fn send(&self, request: Request<Body>) -> Response<Body> {
+    /// Sends `request`; what the returned [`Sending`] resolves to is the answer.
+    fn send(&mut self, request: Request<Incoming>) -> Sending {
         match self {
-            Forwarder::Guarded(client) => {
-                // The guard's error type is `Infallible`.
-                let Ok(response) = client.clone().oneshot(request).await;
-                response.map(Body::new)
+            Forwarder::Guarded(guard) => {
+                // Called in place, not on a clone: the guard keeps its breaker
+                // key from the last call. The hyper-util client is always
+                // ready, and so the guard is; should that ever change, a clone
+                // waits for readiness instead.
+                let mut cx = Context::from_waker(Waker::noop());
+                match guard.poll_ready(&mut cx) {
+                    Poll::Ready(Ok(())) => Sending::Guarded {
+                        future: guard.call(request),
+                    },
+                    Poll::Pending => Sending::GuardedWhenReady {
+                        future: guard.clone().oneshot(request),
+                    },
+                }
             }
-            Forwarder::Plain(client) => match client.request(request).await {
-                Ok(response) => response.map(Body::new),
+            Forwarder::Plain(client) => Sending::Plain {
+                future: client.request(request),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// A request on its way upstream, or already answered: the future a
+    /// connection's service returns. A future of its own rather than an `async`
+    /// block: the guard's response future is large (about 1.5 KB), and an
+    /// `async` block would move it once more on its way to hyper.
+    #[project = SendingProj]
+    enum Sending {
+        Guarded { #[pin] future: upstream_guard::ResponseFuture<UpstreamClient<RequestBody<Incoming>>, Incoming> },
+        GuardedWhenReady { #[pin] future: Oneshot<GuardedClient, Request<Incoming>> },
+        Plain { #[pin] future: client::ResponseFuture },
+        Answered { response: Option<Response<GatewayBody>> },
+    }
+}
+
+impl Future for Sending {
+    type Output = Result<Response<GatewayBody>, Infallible>;
+
+    /// The upstream's response, or what to answer instead, with the
+    /// response's headers rewritten for the caller; never fails.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = match self.project() {
+            // The guard's error type is `Infallible`.
+            SendingProj::Guarded { future } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => response.map(GatewayBody::guarded),
+            },
+            SendingProj::GuardedWhenReady { future } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => response.map(GatewayBody::guarded),
+            },
+            SendingProj::Plain { future } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => response.map(GatewayBody::plain),
                 Err(error) => {
                     tracing::warn!("upstream call failed: {error}");
                     plain_response(StatusCode::BAD_GATEWAY, "bad gateway\n")
                 }
             },
+            // Polled again after it answered: answer again rather than panic.
+            SendingProj::Answered { response } => response.take().unwrap_or_else(|| {
+                plain_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "polled after completion\n",
+                )
+            }),
+        };
+        let (mut parts, body) = response.into_parts();
+        proxy::forward_response(&mut parts);
+        Poll::Ready(Ok(Response::from_parts(parts, body)))
+    }
+}
+
+pin_project! {
+    /// What the gateway answers with: the upstream's body (through the guard, or
+    /// not), or a short text of its own. An enum rather than a boxed body: no
+    /// allocation per response.
+    #[project = GatewayBodyProj]
+    pub enum GatewayBody {
+        Guarded { #[pin] body: ResponseBody<Incoming> },
+        Plain { #[pin] body: Incoming },
+        Own { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl GatewayBody {
+    fn guarded(body: ResponseBody<Incoming>) -> GatewayBody {
+        GatewayBody::Guarded { body }
+    }
+
+    fn plain(body: Incoming) -> GatewayBody {
+        GatewayBody::Plain { body }
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            GatewayBodyProj::Guarded { body } => body.poll_frame(cx),
+            GatewayBodyProj::Plain { body } => body.poll_frame(cx).map_err(Into::into),
+            GatewayBodyProj::Own { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GatewayBody::Guarded { body } => body.is_end_stream(),
+            GatewayBody::Plain { body } => body.is_end_stream(),
+            GatewayBody::Own { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            GatewayBody::Guarded { body } => body.size_hint(),
+            GatewayBody::Plain { body } => body.size_hint(),
+            GatewayBody::Own { body } => body.size_hint(),
         }
     }
 }
@@ -122,47 +252,67 @@ impl Routes {
 
     /// Picks the route for a request; a switch header naming an alternate is
     /// consumed here and never forwarded.
-    fn pick(&self, headers: &mut HeaderMap) -> &Route {
+    fn pick(&mut self, headers: &mut HeaderMap) -> &mut Route {
         let alternate = headers
             .get(UPSTREAM_SWITCH)
-            .and_then(|value| self.alternates.iter().find(|(name, _)| value == name));
+            .and_then(|value| self.alternates.iter().position(|(name, _)| value == name));
         match alternate {
-            Some((_, route)) => {
+            Some(index) => {
                 headers.remove(UPSTREAM_SWITCH);
-                route
+                &mut self.alternates[index].1
             }
-            None => &self.default,
+            None => &mut self.default,
         }
     }
 }
 
-/// The gateway: every request, whatever its path or method, is proxied.
-pub fn gateway_router(routes: Routes) -> Router {
-    Router::new().fallback(forward).with_state(Arc::new(routes))
+/// One connection's proxy: the caller, and the connection's own copy of the
+/// routes. Its own copy, so that requests call their forwarder in place
+/// through `&mut` (hyper calls a service through `&self`, hence the mutex,
+/// never contended: it is held only while a request is handed over), rather
+/// than on a clone per request. A clone made for one request and dropped would
+/// cost atomic reference counting on the client's shared parts, and would throw
+/// away the guard's cache of its breaker key, looked up anew every time.
+struct Connection {
+    routes: Mutex<Routes>,
+    caller: SocketAddr,
 }
 
-/// Forwards one request (the shared helper in `examples/common/proxy.rs` does
-/// the URI and the headers). A failed upstream call is already a response, so
-/// this never fails.
-async fn forward(
-    State(routes): State<Arc<Routes>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    request: Request<Body>,
-) -> Response<Body> {
-    let (mut parts, body) = request.into_parts();
-    let route = routes.pick(&mut parts.headers);
-    let path_and_query = proxy::path_and_query(&parts.uri);
-    if let Err(error) = proxy::forward_request(&mut parts, &route.target, path_and_query, client) {
-        return plain_response(StatusCode::BAD_REQUEST, &format!("{error}\n"));
+impl Connection {
+    fn new(routes: &Routes, caller: SocketAddr) -> Connection {
+        Connection {
+            routes: Mutex::new(routes.clone()),
+            caller,
+        }
     }
-    let response = route.forwarder.send(Request::from_parts(parts, body)).await;
-    let (mut parts, body) = response.into_parts();
-    proxy::forward_response(&mut parts);
-    Response::from_parts(parts, body)
+
+    /// Forwards one request (the shared helper in `examples/common/proxy.rs`
+    /// does the URI and the headers): rewrites it for its upstream and hands it
+    /// to the forwarder. A request that cannot be forwarded is answered `400`
+    /// at once, and a failed upstream call is already a response, so this never
+    /// fails.
+    fn forward(&self, request: Request<Incoming>) -> Sending {
+        // Nothing panics while the lock is held, but a poisoned lock would be
+        // harmless anyway: the routes hold no invariant a panic could break.
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut parts, body) = request.into_parts();
+        let route = routes.pick(&mut parts.headers);
+        let path_and_query = proxy::path_and_query(&parts.uri);
+        if let Err(error) =
+            proxy::forward_request(&mut parts, &route.target, path_and_query, self.caller)
+        {
+            let response = plain_response(StatusCode::BAD_REQUEST, &format!("{error}\n"));
+            return Sending::Answered {
+                response: Some(response),
+            };
+        }
+        route.forwarder.send(Request::from_parts(parts, body))
+    }
 }
 
-fn plain_response(status: StatusCode, text: &str) -> Response<Body> {
-    let mut response = Response::new(Body::from(text.to_owned()));
+fn plain_response(status: StatusCode, text: &str) -> Response<GatewayBody> {
+    let body = Full::new(Bytes::from(text.to_owned()));
+    let mut response = Response::new(GatewayBody::Own { body });
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -175,13 +325,12 @@ fn plain_response(status: StatusCode, text: &str) -> Response<Body> {
 pub struct Server {
     pub addr: SocketAddr,
     stop: oneshot::Sender<()>,
-    task: JoinHandle<io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Server {
-    /// Binds `listen` and serves `app` on it in the background; handlers see
-    /// the caller's address (for the forwarding headers).
-    pub async fn start(listen: SocketAddr, app: Router) -> Result<Server, Failure> {
+    /// Binds `listen` and serves the proxy for `routes` on it in the background.
+    pub async fn start(listen: SocketAddr, routes: Routes) -> Result<Server, Failure> {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| Failure::runtime(&format!("cannot listen on {listen}"), e))?;
@@ -189,11 +338,7 @@ impl Server {
             .local_addr()
             .map_err(|e| Failure::runtime("cannot read the bound address", e))?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = stopped.await;
-        });
-        let task = tokio::spawn(async move { serve.await });
+        let task = tokio::spawn(serve(listener, routes, stopped));
         Ok(Server { addr, stop, task })
     }
 
@@ -202,8 +347,7 @@ impl Server {
         let _ = self.stop.send(());
         let mut task = self.task;
         match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(Failure::runtime("the gateway failed", error)),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(Failure::runtime("the gateway task failed", error)),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
@@ -212,6 +356,48 @@ impl Server {
             }
         }
     }
+}
+
+/// Accepts connections until `stopped`, then lets the open ones finish what
+/// they are doing (idle ones close at once).
+async fn serve(listener: TcpListener, routes: Routes, mut stopped: oneshot::Receiver<()>) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, caller)) => serve_connection(stream, caller, &routes, &graceful),
+                Err(error) => {
+                    tracing::warn!("accept failed: {error}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            _ = &mut stopped => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Serves one connection in its own task: HTTP/1.1, or HTTP/2 with prior
+/// knowledge.
+fn serve_connection(
+    stream: TcpStream,
+    caller: SocketAddr,
+    routes: &Routes,
+    graceful: &GracefulShutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let connection = Connection::new(routes, caller);
+    let service = service_fn(move |request| connection.forward(request));
+    let serving = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    let serving = graceful.watch(serving);
+    tokio::spawn(async move {
+        if let Err(error) = serving.await {
+            tracing::debug!("connection from {caller} ended: {error}");
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -231,7 +417,7 @@ pub async fn run_proxy(
         false => Forwarder::plain(),
     };
     let route = Route::new(upstream, forwarder)?;
-    let server = Server::start(listen, gateway_router(Routes::single(route))).await?;
+    let server = Server::start(listen, Routes::single(route)).await?;
     announce(server.addr).map_err(|e| Failure::runtime("cannot write to stdout", e))?;
     let signal = shutdown_signal().await;
     eprintln!("shutting down");
