@@ -133,12 +133,7 @@ async fn the_server_receives_a_grpc_timeout_no_longer_than_the_attempt_timeout()
 
 #[tokio::test]
 async fn unavailable_is_retried_until_ok_when_the_call_is_idempotent() {
-    let server = HealthServer::start(Faults::unavailable_first(2)).await;
-    let config = Guard {
-        retry: quick_retry(3),
-        ..Guard::default()
-    };
-    let mut client = guarded_client(server.addr, &guard(&config));
+    let (server, mut client) = retrying(Faults::unavailable_first(2), 3).await;
 
     let answer = call(&mut client, idempotent(health_check()))
         .await
@@ -153,12 +148,7 @@ async fn an_upstream_deadline_exceeded_is_our_attempt_timeout_and_is_retried() {
     // We told the server how long it had (grpc-timeout); its DEADLINE_EXCEEDED
     // is our attempt timer firing at the server, so an idempotent call is
     // retried like any attempt timeout.
-    let server = HealthServer::start(Faults::deadline_exceeded_first(1)).await;
-    let config = Guard {
-        retry: quick_retry(3),
-        ..Guard::default()
-    };
-    let mut client = guarded_client(server.addr, &guard(&config));
+    let (server, mut client) = retrying(Faults::deadline_exceeded_first(1), 3).await;
 
     let answer = call(&mut client, idempotent(health_check()))
         .await
@@ -170,12 +160,7 @@ async fn an_upstream_deadline_exceeded_is_our_attempt_timeout_and_is_retried() {
 
 #[tokio::test]
 async fn an_upstream_deadline_exceeded_on_the_last_attempt_is_our_timeout_answer() {
-    let server = HealthServer::start(Faults::deadline_exceeded_first(5)).await;
-    let config = Guard {
-        retry: quick_retry(2),
-        ..Guard::default()
-    };
-    let mut client = guarded_client(server.addr, &guard(&config));
+    let (server, mut client) = retrying(Faults::deadline_exceeded_first(5), 2).await;
 
     let status = call(&mut client, idempotent(health_check()))
         .await
@@ -192,12 +177,7 @@ async fn an_upstream_deadline_exceeded_on_the_last_attempt_is_our_timeout_answer
 
 #[tokio::test]
 async fn unavailable_is_not_retried_without_an_idempotency_key() {
-    let server = HealthServer::start(Faults::unavailable_first(2)).await;
-    let config = Guard {
-        retry: quick_retry(3),
-        ..Guard::default()
-    };
-    let mut client = guarded_client(server.addr, &guard(&config));
+    let (server, mut client) = retrying(Faults::unavailable_first(2), 3).await;
 
     let status = call(&mut client, health_check()).await.expect_err("fails");
 
@@ -208,12 +188,7 @@ async fn unavailable_is_not_retried_without_an_idempotency_key() {
 
 #[tokio::test]
 async fn retries_stop_at_max_attempts_with_the_servers_answer() {
-    let server = HealthServer::start(Faults::unavailable_first(5)).await;
-    let config = Guard {
-        retry: quick_retry(3),
-        ..Guard::default()
-    };
-    let mut client = guarded_client(server.addr, &guard(&config));
+    let (server, mut client) = retrying(Faults::unavailable_first(5), 3).await;
 
     let status = call(&mut client, idempotent(health_check()))
         .await
@@ -340,6 +315,21 @@ fn guard(config: &Guard) -> UpstreamGuardLayer {
         .circuit_breaker(config.breaker.clone())
         .build()
         .expect("a valid guard configuration")
+}
+
+/// A server with `faults`, and a client whose guard makes up to
+/// `max_attempts` quick attempts.
+async fn retrying(
+    faults: Faults,
+    max_attempts: u32,
+) -> (HealthServer, HealthClient<GuardedChannel>) {
+    let server = HealthServer::start(faults).await;
+    let config = Guard {
+        retry: quick_retry(max_attempts),
+        ..Guard::default()
+    };
+    let client = guarded_client(server.addr, &guard(&config));
+    (server, client)
 }
 
 fn quick_retry(max_attempts: u32) -> RetryPolicy {
