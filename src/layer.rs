@@ -9,11 +9,11 @@ use http::Response;
 use tower_layer::Layer;
 
 use crate::breaker::{BreakerHandle, BreakerPolicy, Breakers};
-use crate::budgets::Budgets;
 use crate::bulkhead::Bulkhead;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::error::ConfigError;
 use crate::failure::GuardFailure;
+use crate::keyed::Budgets;
 use crate::observe::Observer;
 use crate::retry::RetryPolicy;
 use crate::service::UpstreamGuard;

@@ -189,7 +189,6 @@
 
 mod body;
 pub mod breaker;
-mod budgets;
 mod bulkhead;
 mod call;
 pub mod classify;
@@ -201,6 +200,7 @@ mod failure;
 mod future;
 pub mod grpc;
 mod head;
+mod keyed;
 mod layer;
 #[cfg(feature = "metrics")]
 pub mod metrics;

@@ -394,6 +394,18 @@ pub(crate) struct RetryBudget {
     lines: Box<[Line]>,
 }
 
+impl crate::keyed::KeyState for RetryBudget {
+    type Config = BudgetConfig;
+
+    fn new(config: BudgetConfig) -> Self {
+        RetryBudget::new(config)
+    }
+
+    fn reset(&self) {
+        RetryBudget::reset(self);
+    }
+}
+
 impl RetryBudget {
     pub(crate) fn new(config: BudgetConfig) -> Self {
         RetryBudget::starting_at(config, Instant::now())
@@ -419,7 +431,7 @@ impl RetryBudget {
 
     /// Forgets every deposit and withdrawal, as if the budget were new.
     // A registry slot handed to a new key must not inherit the old key's
-    // history (see `crate::budgets`).
+    // history (see `crate::keyed`).
     pub(crate) fn reset(&self) {
         for word in self.lines.iter().flat_map(|line| &line.0) {
             word.store(0, Ordering::SeqCst);

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::breaker::{Admit, BreakerHandle, Breakers, CircuitState, Target, Ticket, Transition};
-use crate::budgets::Budgets;
 use crate::bulkhead::{Bulkhead, Full, Permit};
 use crate::classify::Classify;
 use crate::failure::FailureKind;
+use crate::keyed::Budgets;
 use crate::observe::Observer;
 use crate::response::FailureHook;
 use crate::retry::RetryPolicy;

@@ -1,54 +1,67 @@
-//! Retry budgets, one per upstream.
+//! State kept per breaker key: retry budgets, hedging latencies.
 //!
 //! A budget shared by a whole layer lets one failing upstream of a proxy spend
-//! the retries that the traffic to every other upstream paid for. So when the
-//! circuit breaker is keyed, each breaker key gets its own [`RetryBudget`],
-//! held beside the breaker's registry slot and bounded the same way: one per
-//! slot, allocated in chunks on first use, reset when the slot is given to a
-//! new key. Requests without a key (and guards with a single breaker, or none)
-//! share one budget.
+//! the retries that the traffic to every other upstream paid for; a latency
+//! percentile shared by a whole layer hedges a fast upstream after the slow
+//! one's tail. So when the circuit breaker is keyed, each breaker key gets its
+//! own state, held beside the breaker's registry slot and bounded the same way:
+//! one per slot, allocated in chunks on first use, reset when the slot is given
+//! to a new key. Requests without a key (and guards with a single breaker, or
+//! none) share one.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use crate::breaker::Target;
-use crate::retry::{BudgetConfig, RetryBudget};
+use crate::retry::RetryBudget;
 
-/// How many budgets are allocated at once, as the registry allocates breakers.
+/// How many states are allocated at once, as the registry allocates breakers.
 const CHUNK: usize = 64;
 
+/// State that can live per key: made from a config, reset for a new key.
+pub(crate) trait KeyState {
+    /// What each new state is made from.
+    type Config: Copy;
+    fn new(config: Self::Config) -> Self;
+    /// Forgets everything, as if new: the slot now belongs to another key.
+    fn reset(&self);
+}
+
 /// The retry budgets of one guard.
+pub(crate) type Budgets = PerKey<RetryBudget>;
+
+/// One `T` per breaker key, and one for requests without a key.
 #[derive(Debug)]
-pub(crate) struct Budgets {
-    config: BudgetConfig,
+pub(crate) struct PerKey<T: KeyState> {
+    config: T::Config,
     /// For requests without a key.
-    shared: RetryBudget,
+    shared: T,
     /// One per registry slot; empty without keyed breakers.
-    keyed: Box<[OnceLock<Box<[Slot]>>]>,
+    keyed: Box<[OnceLock<Box<[Slot<T>]>>]>,
 }
 
-/// A keyed budget and the registry generation it belongs to.
+/// A keyed state and the registry generation it belongs to.
 #[derive(Debug)]
-struct Slot {
+struct Slot<T> {
     generation: AtomicU32,
-    budget: RetryBudget,
+    state: T,
 }
 
-impl Budgets {
-    /// Budgets for `keys` breaker keys (`0`: one budget for everything).
-    pub(crate) fn new(config: BudgetConfig, keys: usize) -> Budgets {
-        Budgets {
+impl<T: KeyState> PerKey<T> {
+    /// States for `keys` breaker keys (`0`: one state for everything).
+    pub(crate) fn new(config: T::Config, keys: usize) -> PerKey<T> {
+        PerKey {
             config,
-            shared: RetryBudget::new(config),
+            shared: T::new(config),
             keyed: (0..keys.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    /// The budget of the breaker `target` (the shared one without breakers).
+    /// The state of the breaker `target` (the shared one without breakers).
     ///
     /// `None` for a request whose registry slot was given to another key since
-    /// it was admitted: it neither pays into nor draws from the new key's budget.
-    pub(crate) fn of(&self, target: Option<Target>) -> Option<&RetryBudget> {
+    /// it was admitted: it neither reads nor changes the new key's state.
+    pub(crate) fn of(&self, target: Option<Target>) -> Option<&T> {
         let (index, generation) = match target {
             Some(Target::Keyed { index, generation }) => (index as usize, generation),
             _ => return Some(&self.shared),
@@ -59,22 +72,22 @@ impl Budgets {
         let slot = chunk
             .get_or_init(|| (0..CHUNK).map(|_| Slot::new(self.config)).collect())
             .get(index % CHUNK)?;
-        slot.for_generation(generation).then_some(&slot.budget)
+        slot.for_generation(generation).then_some(&slot.state)
     }
 }
 
-impl Slot {
-    fn new(config: BudgetConfig) -> Slot {
+impl<T: KeyState> Slot<T> {
+    fn new(config: T::Config) -> Slot<T> {
         Slot {
             generation: AtomicU32::new(0),
-            budget: RetryBudget::new(config),
+            state: T::new(config),
         }
     }
 
     /// Makes the slot belong to `generation` if that is newer (a new key took
-    /// the registry slot: its budget starts empty); whether it belongs to it.
+    /// the registry slot: its state starts afresh); whether it belongs to it.
     /// Generations only move forward (32-bit, compared as serial numbers across
-    /// the wrap), so a straggler of an older key never resets the budget of the
+    /// the wrap), so a straggler of an older key never resets the state of the
     /// key that replaced it.
     fn for_generation(&self, generation: u32) -> bool {
         let mut current = self.generation.load(Ordering::Acquire);
@@ -92,7 +105,7 @@ impl Slot {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.budget.reset();
+                    self.state.reset();
                     return true;
                 }
                 Err(actual) => current = actual,
@@ -111,6 +124,7 @@ fn is_newer(a: u32, b: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::retry::BudgetConfig;
     use std::time::Duration;
     use tokio::time::Instant;
 
