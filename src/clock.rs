@@ -130,6 +130,21 @@ impl Clock {
         self.project().times.armed = false;
     }
 
+    /// Waits until `at` (for a request with several attempts out, the next of
+    /// their ends and its next hedge). Re-arms the timer only when `at` moved;
+    /// the next ordinary wait arms it anew.
+    pub(crate) fn poll_at(mut self: Pin<&mut Self>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let set = self
+            .timer
+            .as_ref()
+            .is_some_and(|sleep| sleep.deadline() == at);
+        if !set {
+            self.as_mut().arm(at);
+        }
+        self.as_mut().project().times.armed = false;
+        self.poll_timer(cx)
+    }
+
     /// Waits for the timer as it is set.
     pub(crate) fn poll_timer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         match self.project().timer.as_pin_mut() {
@@ -177,9 +192,20 @@ impl Times {
         later(started, self.budget)
     }
 
+    /// Makes `started` the current attempt's start: a hedge that answered is
+    /// the attempt the request is judged by.
+    pub(crate) fn set_attempt_started(&mut self, started: Instant) {
+        self.attempt_started = Some(started);
+    }
+
+    /// How long one attempt may take.
+    pub(crate) fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+
     /// When the current attempt must end: its own timeout, capped by the
     /// deadline. Starts the clocks if needed.
-    fn attempt_end(&mut self) -> Instant {
+    pub(crate) fn attempt_end(&mut self) -> Instant {
         if self.attempt_started.is_none() {
             self.start(Instant::now());
         }

@@ -39,6 +39,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::call::{Call, Rejection, Sending};
 use crate::clock::Clock;
 use crate::grpc;
+use crate::hedge::Flight;
 use crate::replay::{Buffering, Plan};
 use crate::shared::Shared;
 use crate::BoxError;
@@ -66,8 +67,9 @@ pin_project! {
         // Reading a body to replay (its room is shared with the attempt's
         // future, so it costs the response future no size).
         Buffering { buffering: Buffering<S, B> },
-        // An attempt is in flight.
-        Calling { #[pin] future: F },
+        // An attempt is in flight: the round's first (taken out when it ends
+        // before the round does) and, in a hedged round, its hedges.
+        Calling { #[pin] future: Option<F>, flight: Flight<F> },
         // Sleeping before a retry.
         Backoff,
         // Waiting for the inner service to be ready for a retry.
@@ -76,6 +78,15 @@ pin_project! {
         Rejected { rejection: Option<Rejection> },
         // The response was given.
         Done,
+    }
+}
+
+impl<S, F, B> State<S, F, B> {
+    fn calling(future: F) -> Self {
+        State::Calling {
+            future: Some(future),
+            flight: Flight::default(),
+        }
     }
 }
 
@@ -115,7 +126,7 @@ where
             }
         };
         let state = match sent {
-            Ok(future) => State::Calling { future },
+            Ok(future) => State::calling(future),
             Err(rejection) => State::Rejected {
                 rejection: Some(rejection),
             },
@@ -162,7 +173,7 @@ where
                     };
                     match sending {
                         Sending::Sent(future) => {
-                            this.state.set(State::Calling { future });
+                            this.state.set(State::calling(future));
                             continue;
                         }
                         Sending::Failed(attempted) => attempted,
@@ -172,8 +183,16 @@ where
                         }
                     }
                 }
-                StateProj::Calling { future } => {
-                    ready!(call.poll_attempt(future, this.clock.as_mut(), cx))
+                StateProj::Calling { mut future, flight } => {
+                    if call.is_hedged() {
+                        ready!(call.poll_hedged(future, flight, this.clock.as_mut(), cx))
+                    } else {
+                        let Some(future) = future.as_mut().as_pin_mut() else {
+                            // Only a hedged round ends its first attempt early.
+                            return Poll::Pending;
+                        };
+                        ready!(call.poll_attempt(future, this.clock.as_mut(), cx))
+                    }
                 }
                 StateProj::Backoff => {
                     ready!(this.clock.as_mut().poll_timer(cx));
@@ -182,7 +201,7 @@ where
                 }
                 StateProj::Readying => match ready!(call.poll_resend(this.clock.as_mut(), cx)) {
                     Sending::Sent(future) => {
-                        this.state.set(State::Calling { future });
+                        this.state.set(State::calling(future));
                         continue;
                     }
                     Sending::Failed(attempted) => attempted,

@@ -13,6 +13,7 @@ use crate::bulkhead::Bulkhead;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::error::ConfigError;
 use crate::failure::GuardFailure;
+use crate::hedge::{HedgePolicy, Hedging};
 use crate::keyed::Budgets;
 use crate::observe::Observer;
 use crate::retry::RetryPolicy;
@@ -116,6 +117,7 @@ pub struct Builder {
     /// `None`: nobody listens, and no event is built.
     observer: Option<Box<dyn Observer>>,
     failure_hook: Option<Box<FailureHook>>,
+    hedge: Option<HedgePolicy>,
 }
 
 impl Default for Builder {
@@ -131,6 +133,7 @@ impl Default for Builder {
             classifier: Box::new(DefaultClassifier::new()),
             observer: None,
             failure_hook: None,
+            hedge: None,
         }
     }
 }
@@ -145,6 +148,7 @@ impl fmt::Debug for Builder {
             .field("circuit_breaker", &self.circuit_breaker)
             .field("upstream_name", &self.upstream_name)
             .field("expose_error_details", &self.expose_error_details)
+            .field("hedge", &self.hedge)
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +186,15 @@ impl Builder {
     /// The circuit breaker (on by default; see [`BreakerPolicy`]).
     pub fn circuit_breaker(mut self, breaker: BreakerPolicy) -> Self {
         self.circuit_breaker = Some(breaker);
+        self
+    }
+
+    /// Hedges requests that are safe to resend: sends another attempt when one
+    /// has been out for the policy's delay, and answers with the first that is
+    /// not a failure (off by default). See [`HedgePolicy`] for what it costs
+    /// and how it is bounded.
+    pub fn hedge(mut self, policy: HedgePolicy) -> Self {
+        self.hedge = Some(policy);
         self
     }
 
@@ -276,6 +289,9 @@ impl Builder {
             }
         }
         self.retry.validate()?;
+        if let Some(hedge) = &self.hedge {
+            hedge.validate()?;
+        }
         if let Some(breaker) = &self.circuit_breaker {
             breaker.validate()?;
         }
@@ -300,6 +316,7 @@ impl Builder {
             .as_ref()
             .and_then(BreakerPolicy::concurrency_cap)
             .map(Bulkhead::new);
+        let hedge = self.hedge.map(|policy| Hedging::new(policy, keys));
         UpstreamGuardLayer {
             shared: Arc::new(Shared {
                 attempt_timeout: self.attempt_timeout,
@@ -314,6 +331,7 @@ impl Builder {
                 budget,
                 breakers,
                 bulkhead,
+                hedge,
             }),
         }
     }

@@ -200,6 +200,7 @@ mod failure;
 mod future;
 pub mod grpc;
 mod head;
+mod hedge;
 mod keyed;
 mod layer;
 #[cfg(feature = "metrics")]
@@ -221,6 +222,7 @@ pub use config::GuardConfig;
 pub use error::ConfigError;
 pub use failure::{FailureKind, GuardFailure};
 pub use future::ResponseFuture;
+pub use hedge::HedgePolicy;
 pub use layer::{Builder, UpstreamGuardLayer};
 #[cfg(feature = "metrics")]
 pub use metrics::MetricsObserver;

@@ -31,6 +31,7 @@
 //! | `upstream_guard_attempt_duration_seconds` | histogram | `upstream`, `outcome` | time one attempt waited for response headers |
 //! | `upstream_guard_retries_total` | counter | `upstream`, `reason` | retries scheduled, by what the failed attempt got |
 //! | `upstream_guard_retries_denied_total` | counter | `upstream`, `reason` | retries wanted but not made, e.g. because the retry budget is spent |
+//! | `upstream_guard_hedges_total` | counter | `upstream`, `outcome`, `reason` | hedges: `sent`, `won` (the hedge gave the answer) or `denied` (with `reason`; `none` otherwise) |
 //! | `upstream_guard_rejections_total` | counter | `upstream`, `reason` | requests answered `503` without calling the upstream |
 //! | `upstream_guard_circuit_transitions_total` | counter | `key`, `from`, `to` | circuit breaker state changes |
 //! | `upstream_guard_circuit_state` | gauge | `key` | a breaker's state after its last change: `0` closed, `1` half-open, `2` open |
@@ -45,6 +46,7 @@
 //! | `status` | the numeric HTTP status (`200`, `503`, ...); on attempts that got no response, `none` |
 //! | `reason` (retries) | the failed attempt's status (`503`) or failure kind (`transport`, `attempt_timeout`, ...) |
 //! | `reason` (retries denied) | `budget`, `deadline`, `not_idempotent`, `body_not_replayable`, `circuit_open` (see [`RetryDenied::as_str`](crate::observe::RetryDenied::as_str)) |
+//! | `reason` (hedges denied) | `budget`, `deadline`, `circuit_open` (see [`HedgeDenied::as_str`](crate::observe::HedgeDenied::as_str)) |
 //! | `reason` (rejections) | `circuit_open`, `concurrency_limited` |
 //! | `key` | the breaker's key (by default the request authority, see [`BreakerPolicy::per_key`](crate::BreakerPolicy::per_key)), or `default` for the breaker shared by requests without a key |
 //! | `from`, `to` | `closed`, `open`, `half_open` (see [`CircuitState::as_str`](crate::CircuitState::as_str)) |
@@ -84,8 +86,8 @@ use ::metrics::{
 use http::{Method, StatusCode};
 
 use crate::observe::{
-    AttemptEvent, AttemptOutcome, CircuitEvent, Observer, RejectedEvent, RequestFacts,
-    ResponseEvent, RetryDeniedEvent, RetryEvent,
+    AttemptEvent, AttemptOutcome, CircuitEvent, HedgeEvent, HedgeOutcome, Observer, RejectedEvent,
+    RequestFacts, ResponseEvent, RetryDeniedEvent, RetryEvent,
 };
 
 const REQUESTS_TOTAL: &str = "upstream_guard_requests_total";
@@ -94,6 +96,7 @@ const ATTEMPTS_TOTAL: &str = "upstream_guard_attempts_total";
 const ATTEMPT_DURATION: &str = "upstream_guard_attempt_duration_seconds";
 const RETRIES_TOTAL: &str = "upstream_guard_retries_total";
 const RETRIES_DENIED_TOTAL: &str = "upstream_guard_retries_denied_total";
+const HEDGES_TOTAL: &str = "upstream_guard_hedges_total";
 const REJECTIONS_TOTAL: &str = "upstream_guard_rejections_total";
 const CIRCUIT_TRANSITIONS_TOTAL: &str = "upstream_guard_circuit_transitions_total";
 const CIRCUIT_STATE: &str = "upstream_guard_circuit_state";
@@ -206,6 +209,11 @@ impl MetricsObserver {
             "Retries wanted but not made (budget spent, deadline, not idempotent, ...)."
         );
         describe_counter!(
+            HEDGES_TOTAL,
+            Unit::Count,
+            "Hedges sent, won (gave the answer) or denied (budget, deadline, circuit open)."
+        );
+        describe_counter!(
             REJECTIONS_TOTAL,
             Unit::Count,
             "Requests answered 503 without calling the upstream."
@@ -275,6 +283,18 @@ impl Observer for MetricsObserver {
         let mut labels = self.labels(event.request(), 1);
         labels.push(Label::from_static_parts("reason", event.reason().as_str()));
         counter!(RETRIES_DENIED_TOTAL, labels).increment(1);
+    }
+
+    fn on_hedge(&self, event: &HedgeEvent<'_>) {
+        let mut labels = self.labels(event.request(), 2);
+        let outcome = event.outcome();
+        let reason = match outcome {
+            HedgeOutcome::Denied(reason) => reason.as_str(),
+            _ => "none",
+        };
+        labels.push(Label::from_static_parts("outcome", outcome.as_str()));
+        labels.push(Label::from_static_parts("reason", reason));
+        counter!(HEDGES_TOTAL, labels).increment(1);
     }
 
     fn on_circuit_transition(&self, event: &CircuitEvent<'_>) {

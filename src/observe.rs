@@ -53,6 +53,12 @@ pub trait Observer: Send + Sync + 'static {
         let _ = event;
     }
 
+    /// A hedge was sent, won the race, or was due and denied; see
+    /// [`HedgePolicy`](crate::HedgePolicy).
+    fn on_hedge(&self, event: &HedgeEvent<'_>) {
+        let _ = event;
+    }
+
     /// A circuit breaker changed state.
     fn on_circuit_transition(&self, event: &CircuitEvent<'_>) {
         let _ = event;
@@ -246,6 +252,80 @@ impl RetryDenied {
             RetryDenied::BodyNotReplayable => "body_not_replayable",
             RetryDenied::CircuitOpen => "circuit_open",
         }
+    }
+}
+
+/// Why a due hedge was not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HedgeDenied {
+    /// The retry budget, which hedges share, is spent.
+    Budget,
+    /// The deadline leaves less time than the hedge delay.
+    Deadline,
+    /// The circuit breaker is not closed.
+    CircuitOpen,
+}
+
+impl HedgeDenied {
+    /// A short, stable name for metrics labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HedgeDenied::Budget => "budget",
+            HedgeDenied::Deadline => "deadline",
+            HedgeDenied::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+/// What happened to a hedge. See [`Observer::on_hedge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HedgeOutcome {
+    /// The hedge was sent, this long after the attempt before it.
+    Sent {
+        /// How long the earlier attempt had been out.
+        after: Duration,
+    },
+    /// The hedge gave the request's answer: the attempts before it were dropped.
+    Won,
+    /// The hedge was due and not sent.
+    Denied(HedgeDenied),
+}
+
+impl HedgeOutcome {
+    /// A short, stable name for metrics labels: `sent`, `won` or `denied`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HedgeOutcome::Sent { .. } => "sent",
+            HedgeOutcome::Won => "won",
+            HedgeOutcome::Denied(_) => "denied",
+        }
+    }
+}
+
+/// A hedge was sent, won, or denied. See [`Observer::on_hedge`].
+#[derive(Clone, Copy, Debug)]
+pub struct HedgeEvent<'a> {
+    pub(crate) request: RequestFacts<'a>,
+    pub(crate) attempt: u32,
+    pub(crate) outcome: HedgeOutcome,
+}
+
+impl<'a> HedgeEvent<'a> {
+    /// The request being hedged.
+    pub fn request(&self) -> RequestFacts<'a> {
+        self.request
+    }
+
+    /// The hedge's attempt number (for a denial, the number it would have had).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// What happened.
+    pub fn outcome(&self) -> HedgeOutcome {
+        self.outcome
     }
 }
 

@@ -16,8 +16,8 @@ use tracing::Span;
 use crate::breaker::{CircuitState, Transition};
 use crate::failure::FailureKind;
 use crate::observe::{
-    AttemptEvent, AttemptOutcome, CircuitEvent, Observer, Outcome, RejectedEvent, RequestFacts,
-    ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
+    AttemptEvent, AttemptOutcome, CircuitEvent, HedgeEvent, HedgeOutcome, Observer, Outcome,
+    RejectedEvent, RequestFacts, ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
 };
 
 /// A request's spans.
@@ -59,21 +59,47 @@ impl Report {
 
     /// Opens the span of attempt number `attempt`.
     pub(crate) fn attempt_started(&mut self, attempt: u32) {
+        self.attempt = self.new_attempt_span(attempt, false);
+    }
+
+    /// The span of hedge `attempt`, kept by the hedge while it is in flight.
+    pub(crate) fn hedge_span(&self, attempt: u32) -> Span {
+        self.new_attempt_span(attempt, true)
+    }
+
+    /// The current attempt's span.
+    pub(crate) fn attempt_span(&self) -> &Span {
+        &self.attempt
+    }
+
+    /// Makes a hedge's span the current attempt's: the hedge is the attempt
+    /// the request is answered with.
+    pub(crate) fn adopt(&mut self, span: Span) {
+        self.attempt = span;
+    }
+
+    fn new_attempt_span(&self, attempt: u32, hedge: bool) -> Span {
         if self.request.is_disabled() {
-            return;
+            return Span::none();
         }
-        self.attempt = tracing::debug_span!(
+        let span = tracing::debug_span!(
             parent: &self.request,
             "upstream_guard.attempt",
             "upstream_guard.attempt" = attempt,
+            "upstream_guard.hedge" = tracing::field::Empty,
             "http.request.resend_count" = tracing::field::Empty,
             "http.response.status_code" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
         );
-        if attempt > 1 && !self.attempt.is_disabled() {
-            self.attempt
-                .record("http.request.resend_count", attempt - 1);
+        if !span.is_disabled() {
+            if attempt > 1 {
+                span.record("http.request.resend_count", attempt - 1);
+            }
+            if hedge {
+                span.record("upstream_guard.hedge", true);
+            }
         }
+        span
     }
 
     /// Runs `f` inside the current attempt's span (the inner service's own
@@ -95,16 +121,28 @@ impl Report {
         outcome: AttemptOutcome,
         started: Option<Instant>,
     ) {
+        Report::attempt_ended_in(&self.attempt, observer, request, attempt, outcome, started);
+    }
+
+    /// An attempt with its own span ended (a hedge, or an attempt that lost
+    /// to one).
+    pub(crate) fn attempt_ended_in(
+        span: &Span,
+        observer: Option<&dyn Observer>,
+        request: RequestFacts<'_>,
+        attempt: u32,
+        outcome: AttemptOutcome,
+        started: Option<Instant>,
+    ) {
         // Recording on a disabled span still costs (tracing's `log` feature
         // looks at every field): skip it when nobody listens.
-        if !self.attempt.is_disabled() {
+        if !span.is_disabled() {
             match outcome {
                 AttemptOutcome::Response { status, .. } => {
-                    self.attempt
-                        .record("http.response.status_code", status.as_u16());
+                    span.record("http.response.status_code", status.as_u16());
                 }
                 AttemptOutcome::Failure(kind) => {
-                    self.attempt.record("error.type", kind.as_str());
+                    span.record("error.type", kind.as_str());
                 }
             }
         }
@@ -115,6 +153,26 @@ impl Report {
                 outcome,
                 started,
             });
+        }
+    }
+
+    /// A hedge was sent, won, or denied.
+    pub(crate) fn hedge(
+        &self,
+        observer: Option<&dyn Observer>,
+        request: RequestFacts<'_>,
+        attempt: u32,
+        outcome: HedgeOutcome,
+    ) {
+        if let Some(observer) = observer {
+            observer.on_hedge(&HedgeEvent {
+                request,
+                attempt,
+                outcome,
+            });
+        }
+        if let HedgeOutcome::Denied(reason) = outcome {
+            tracing::debug!(parent: &self.request, attempt, reason = reason.as_str(), "not hedging upstream request");
         }
     }
 

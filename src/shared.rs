@@ -8,6 +8,7 @@ use crate::breaker::{Admit, BreakerHandle, Breakers, CircuitState, Target, Ticke
 use crate::bulkhead::{Bulkhead, Full, Permit};
 use crate::classify::Classify;
 use crate::failure::FailureKind;
+use crate::hedge::Hedging;
 use crate::keyed::Budgets;
 use crate::observe::Observer;
 use crate::response::FailureHook;
@@ -32,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) breakers: Option<Arc<Breakers>>,
     /// The concurrency cap per breaker key; `None` without one.
     pub(crate) bulkhead: Option<Bulkhead>,
+    /// `None`: requests are never hedged.
+    pub(crate) hedge: Option<Hedging>,
 }
 
 impl fmt::Debug for Shared {
@@ -46,6 +49,7 @@ impl fmt::Debug for Shared {
             .field("budget", &self.budget)
             .field("breakers", &self.breakers)
             .field("bulkhead", &self.bulkhead)
+            .field("hedge", &self.hedge)
             .finish_non_exhaustive()
     }
 }

@@ -1,7 +1,10 @@
 //! [`Call`]: one guarded request between its attempts — what it keeps to be
 //! sent again, its admission to the breaker, how each attempt is sent and
 //! judged, and the answer. The response future sequences these steps; this
-//! module does them.
+//! module does them, and [`hedged`] does them for a round of attempts that
+//! may be hedged.
+
+mod hedged;
 
 use std::error::Error;
 use std::future::Future;
@@ -137,8 +140,13 @@ pub(crate) struct Call<S, B> {
     is_grpc: bool,
     safe_to_resend: bool,
     kept: Kept<S>,
-    /// Attempts started so far.
+    /// Attempts started so far (hedges included).
     attempt: u32,
+    /// The number of the attempt being judged: the last one sent, or, in a
+    /// hedged round, the one that answered.
+    judged: u32,
+    /// The request's hedging, once it is known to be hedged.
+    hedge: Option<hedged::Round>,
     /// The request's breaker, found on arrival; admitted to right before the
     /// first attempt is sent.
     target: Option<Target>,
@@ -181,6 +189,8 @@ where
             safe_to_resend: is_safe_to_resend(&parts.method, &parts.headers),
             kept: Kept::Nothing,
             attempt: 0,
+            judged: 0,
+            hedge: None,
             target,
             ticket: None,
             permit: None,
@@ -228,6 +238,7 @@ where
         let clone = inner.clone();
         let mut service = std::mem::replace(inner, clone);
         let head = Head::copy_of(&parts);
+        self.begin_round(times);
         let request = self.first_request(parts, RequestBody::new(body), times);
         let future = self.send(&mut service, request);
         let body = ReplayBody::default();
@@ -314,6 +325,22 @@ where
                 .is_some_and(|started| started.elapsed() >= threshold)
         });
         let target = ticket.target;
+        // Failures of attempts that ended while another was out count only
+        // now that none of them won.
+        let held = self.hedge.as_mut().map_or(0, hedged::Round::take_held);
+        if failure {
+            for _ in 0..held {
+                let held = Record {
+                    failure,
+                    slow: false,
+                };
+                if let Some(transition) = breakers.record(ticket, held) {
+                    let key = breakers.key_of(target);
+                    let observer = self.shared.observer.as_deref();
+                    self.report.transition(observer, key.as_deref(), transition);
+                }
+            }
+        }
         if let Some(transition) = breakers.record(ticket, Record { failure, slow }) {
             let key = breakers.key_of(target);
             let observer = self.shared.observer.as_deref();
@@ -363,6 +390,7 @@ where
     /// Calls the inner service for the next attempt, inside a new attempt span.
     fn send(&mut self, service: &mut S, request: Request<RequestBody<B>>) -> S::Future {
         self.attempt += 1;
+        self.judged = self.attempt;
         self.report.attempt_started(self.attempt);
         self.report.in_attempt(|| service.call(request))
     }
@@ -391,6 +419,7 @@ where
                     return Sending::Answer(self.reject(rejection, clock.times().started()));
                 }
                 let head = Head::copy_of(&parts);
+                self.begin_round(clock.as_mut().times());
                 let request = self.first_request(parts, replay.body(), clock.times());
                 let future = self.send(&mut service, request);
                 let body = replay;
@@ -427,24 +456,12 @@ where
     ) -> Poll<Attempted<S::Response>> {
         let polled = self.report.in_attempt(|| future.poll(cx));
         Poll::Ready(match polled {
-            Poll::Ready(Ok(response)) => match self.upstream_deadline_exceeded(&response) {
-                // The upstream ran out of the grpc-timeout we gave it: our
-                // timer, firing at the upstream.
-                Some(kind) => Attempted::Failed(kind, None),
-                None => {
-                    let status = response.status();
-                    let classifier = &self.shared.classifier;
-                    let class = classifier.classify_response(status, response.headers());
-                    Attempted::Response(response, status, class)
-                }
-            },
+            Poll::Ready(Ok(response)) => self.judge_response(response, self.grpc_timeout_kind),
             Poll::Ready(Err(error)) => {
-                let error: BoxError = error.into();
                 // An inner timer run from the grpc-timeout we sent fired with
                 // ours: that is our timeout, not a broken connection.
-                let kind = (clock.times().timed_out())
-                    .unwrap_or_else(|| self.shared.classifier.error_kind(&*error));
-                Attempted::failed(self.blame(kind), error)
+                let timed_out = clock.times().timed_out();
+                self.judge_error(error.into(), timed_out)
             }
             Poll::Pending => {
                 ready!(clock.as_mut().poll_attempt(cx));
@@ -455,15 +472,50 @@ where
         })
     }
 
+    /// How an attempt that got a response went; `grpc_timeout_kind` is what the
+    /// `grpc-timeout` it was sent with stood for.
+    fn judge_response(
+        &self,
+        response: S::Response,
+        grpc_timeout_kind: FailureKind,
+    ) -> Attempted<S::Response> {
+        match self.upstream_deadline_exceeded(&response, grpc_timeout_kind) {
+            // The upstream ran out of the grpc-timeout we gave it: our
+            // timer, firing at the upstream.
+            Some(kind) => Attempted::Failed(kind, None),
+            None => {
+                let status = response.status();
+                let classifier = &self.shared.classifier;
+                let class = classifier.classify_response(status, response.headers());
+                Attempted::Response(response, status, class)
+            }
+        }
+    }
+
+    /// How an attempt that failed went; `timed_out` is which of our timeouts
+    /// had just run out, if one had.
+    fn judge_error(
+        &self,
+        error: BoxError,
+        timed_out: Option<FailureKind>,
+    ) -> Attempted<S::Response> {
+        let kind = timed_out.unwrap_or_else(|| self.shared.classifier.error_kind(&*error));
+        Attempted::failed(self.blame(kind), error)
+    }
+
     /// For a gRPC attempt answered `DEADLINE_EXCEEDED` (trailers-only): which
     /// of our timeouts that is. We told the upstream how long it had, so its
     /// deadline is ours, and it tends to fire a hair before our own timer.
-    fn upstream_deadline_exceeded(&self, response: &Response<ResB>) -> Option<FailureKind> {
+    fn upstream_deadline_exceeded(
+        &self,
+        response: &Response<ResB>,
+        grpc_timeout_kind: FailureKind,
+    ) -> Option<FailureKind> {
         if !self.is_grpc {
             return None;
         }
         let status = response.headers().get(grpc::GRPC_STATUS)?;
-        (status.as_bytes() == b"4").then_some(self.grpc_timeout_kind)
+        (status.as_bytes() == b"4").then_some(grpc_timeout_kind)
     }
 
     /// The kind of an attempt's failure, blamed on the caller when its body was
@@ -495,8 +547,9 @@ where
         let observer = self.shared.observer.as_deref();
         let started = times.attempt_started();
         self.report
-            .attempt_ended(observer, self.facts(), self.attempt, outcome, started);
+            .attempt_ended(observer, self.facts(), self.judged, outcome, started);
         self.record_breaker(outcome, times);
+        self.record_latency(outcome, started);
         let retryable = match outcome {
             AttemptOutcome::Response { class, .. } => class.is_retryable(),
             AttemptOutcome::Failure(kind) => self.shared.classifier.is_retryable(kind),
@@ -508,7 +561,8 @@ where
         let failed = Failed {
             retryable,
             never_sent: matches!(outcome, AttemptOutcome::Failure(k) if k.request_never_sent()),
-            attempts: self.attempt,
+            // Hedges are paid for on their own: they do not use up retries.
+            attempts: self.attempt - self.hedges_sent(),
             retry_after: retry_after_asked(&attempted, self.shared.retry.max_retry_after),
         };
         let request = Resend {
@@ -537,12 +591,12 @@ where
             withdraw,
         ) {
             Decision::Retry(backoff) => {
-                (self.report).retry(observer, self.facts(), self.attempt, outcome, backoff);
+                (self.report).retry(observer, self.facts(), self.judged, outcome, backoff);
                 clock.sleep(backoff);
                 None
             }
             Decision::Deny(reason) => {
-                (self.report).retry_denied(observer, self.facts(), self.attempt, reason);
+                (self.report).retry_denied(observer, self.facts(), self.judged, reason);
                 Some(self.finish(attempted, clock.times()))
             }
             Decision::Stop => Some(self.finish(attempted, clock.times())),
@@ -572,6 +626,7 @@ where
             Poll::Ready(Err(error)) => {
                 // The attempt could not even start: it counts as one.
                 self.attempt += 1;
+                self.judged = self.attempt;
                 let error: BoxError = error.into();
                 let kind = self.shared.classifier.error_kind(&*error);
                 return Poll::Ready(Sending::Failed(Attempted::failed(kind, error)));
@@ -582,15 +637,21 @@ where
                 failure.with_retry_after(Some(Duration::from_secs(1)))
             }
             Poll::Ready(Ok(())) => {
-                let last = self.attempt + 1 >= self.shared.retry.max_attempts;
+                let retries = self.attempt - self.hedge.as_ref().map_or(0, hedged::Round::sent);
+                let last = retries + 1 >= self.shared.retry.max_attempts && self.hedge.is_none();
                 let mut request = again.head.request(again.body.body(), last);
                 clock.as_mut().new_attempt();
                 if self.is_grpc {
-                    self.grpc_timeout_kind = tell_grpc_timeout(&mut request, clock.times());
+                    self.grpc_timeout_kind =
+                        tell_grpc_timeout(&mut request, clock.as_mut().times());
                 }
                 self.attempt += 1;
+                self.judged = self.attempt;
                 self.report.attempt_started(self.attempt);
                 let future = self.report.in_attempt(|| again.service.call(request));
+                if self.hedge.is_some() {
+                    self.begin_round(clock.times());
+                }
                 return Poll::Ready(Sending::Sent(future));
             }
         };
