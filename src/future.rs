@@ -110,7 +110,9 @@ where
             clock.times_mut().start(Instant::now());
         }
         let retry = &shared.retry;
-        let plan = Plan::for_body(request.body(), retry.enabled(), retry.max_replay_body);
+        // A body is kept to be sent again when it may be: on a retry, or as a hedge.
+        let resendable = retry.enabled() || shared.hedge.is_some();
+        let plan = Plan::for_body(request.body(), resendable, retry.max_replay_body);
         let cap = retry.max_replay_body;
         let (parts, body) = request.into_parts();
         let mut call = Call::new(shared, &parts, is_grpc);

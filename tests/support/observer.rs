@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use upstream_guard::observe::{
-    AttemptEvent, AttemptOutcome, Outcome, ResponseEvent, RetryDenied, RetryDeniedEvent, RetryEvent,
+    AttemptEvent, AttemptOutcome, HedgeEvent, HedgeOutcome, Outcome, ResponseEvent, RetryDenied,
+    RetryDeniedEvent, RetryEvent,
 };
 use upstream_guard::Observer;
 
@@ -26,6 +27,10 @@ pub enum Seen {
         status: u16,
         outcome: Outcome,
         attempts: u32,
+    },
+    Hedge {
+        attempt: u32,
+        outcome: HedgeOutcome,
     },
 }
 
@@ -76,6 +81,25 @@ impl Recording {
             .collect()
     }
 
+    /// Every hedge event, in order: the attempt number and what happened.
+    pub fn hedges(&self) -> Vec<(u32, HedgeOutcome)> {
+        self.seen()
+            .into_iter()
+            .filter_map(|s| match s {
+                Seen::Hedge { attempt, outcome } => Some((attempt, outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many hedge events had this outcome name (`sent`, `won`, `denied`).
+    pub fn hedge_count(&self, outcome: &str) -> usize {
+        self.hedges()
+            .iter()
+            .filter(|(_, o)| o.as_str() == outcome)
+            .count()
+    }
+
     fn push(&self, seen: Seen) {
         self.0.lock().unwrap().push(seen);
     }
@@ -100,6 +124,13 @@ impl Observer for Recording {
         self.push(Seen::Denied {
             failed_attempt: event.failed_attempt(),
             reason: event.reason(),
+        });
+    }
+
+    fn on_hedge(&self, event: &HedgeEvent<'_>) {
+        self.push(Seen::Hedge {
+            attempt: event.attempt(),
+            outcome: event.outcome(),
         });
     }
 

@@ -29,6 +29,7 @@
 //! | `/flaky/{n}/{key}` | first `n` requests for `key` get 503 `flaky`, later ones 200 `ok` |
 //! | `/flaky-reset/{n}/{key}` | first `n` requests for `key` are reset, later ones 200 `ok` |
 //! | `/flaky-status/{n}/{code}/{key}` | first `n` get `code` (body `flaky`, `retry_after` honoured), then 200 `ok` |
+//! | `/seq/{key}/{steps}` | request `n` for `key` takes step `n` of the comma-separated `steps` (the last repeats): `ok`, `slow{ms}` (200 `ok` after `ms`), `slow{ms}:{code}` (that status after `ms`), a status code (body `seq`), `reset`, `hang` |
 //! | `/stream/{chunks}/{ms}` | chunked 200; chunks `chunk-0\n`, `chunk-1\n`, ... with `ms` between them |
 //! | `/big/{bytes}` | 200 with `bytes` bytes, byte `i` = `(i % 251) as u8` |
 //! | anything else | 404 |
@@ -946,6 +947,38 @@ async fn route(conn: &mut Conn, shared: &Shared, req: &Request) -> io::Result<Ne
                 Ok(Next::KeepAlive)
             } else {
                 resp.ok(conn).await
+            }
+        }
+
+        ["seq", key, steps] => {
+            let steps: Vec<&str> = steps.split(',').collect();
+            let n = shared.bump("seq", key) as usize;
+            let step = steps[(n - 1).min(steps.len() - 1)];
+            match step {
+                "ok" => resp.ok(conn).await,
+                "reset" => Ok(Next::Reset),
+                "hang" => Ok(Next::Hold),
+                _ => {
+                    let (step, slow) = match step.strip_prefix("slow") {
+                        Some(rest) => match rest.split_once(':') {
+                            Some((ms, code)) => (code, ms.parse().ok()),
+                            None => ("ok", rest.parse().ok()),
+                        },
+                        None => (step, Some(0)),
+                    };
+                    let Some(ms) = slow else {
+                        return resp.bad_param(conn, "seq step").await;
+                    };
+                    tokio::time::sleep(delay(ms)).await;
+                    if step == "ok" {
+                        return resp.ok(conn).await;
+                    }
+                    let Some(code) = final_status(step) else {
+                        return resp.bad_param(conn, "seq step").await;
+                    };
+                    resp.simple(conn, code, &[], b"seq").await?;
+                    Ok(Next::KeepAlive)
+                }
             }
         }
 
