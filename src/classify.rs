@@ -294,6 +294,9 @@ where
 ///   the inner service), `TimedOut` (reqwest's `timeout()`) or `TimeoutExpired`
 ///   (`tonic::TimeoutExpired`: a `Channel`'s `Endpoint::timeout` or `grpc-timeout`)
 ///   → [`FailureKind::AttemptTimeout`];
+/// - [`Endpoints`](crate::endpoints::Endpoints)' errors: [`EndpointTimeout`](crate::endpoints::EndpointTimeout)
+///   → [`FailureKind::AttemptTimeout`], [`NoEndpoint`](crate::endpoints::NoEndpoint)
+///   (every replica ejected) → [`FailureKind::CircuitOpen`];
 /// - anything else → [`FailureKind::Transport`].
 ///
 /// The outermost recognised link wins because it knows the phase: a TLS handshake
@@ -354,8 +357,11 @@ fn kind_of_link(err: &(dyn Error + 'static)) -> Option<FailureKind> {
             _ => None,
         };
     }
-    if err.is::<tokio::time::error::Elapsed>() {
+    if err.is::<tokio::time::error::Elapsed>() || err.is::<crate::endpoints::EndpointTimeout>() {
         return Some(FailureKind::AttemptTimeout);
+    }
+    if err.is::<crate::endpoints::NoEndpoint>() {
+        return Some(FailureKind::CircuitOpen);
     }
     kind_of_type_name(err)
 }

@@ -37,8 +37,11 @@ pub(crate) struct PerKey<T: KeyState> {
     /// For requests without a key.
     shared: T,
     /// One per registry slot; empty without keyed breakers.
-    keyed: Box<[OnceLock<Box<[Slot<T>]>>]>,
+    keyed: Box<[Chunk<T>]>,
 }
+
+/// `CHUNK` slots, allocated on first use.
+type Chunk<T> = OnceLock<Box<[Slot<T>]>>;
 
 /// A keyed state and the registry generation it belongs to.
 #[derive(Debug)]

@@ -195,6 +195,7 @@ pub mod classify;
 mod clock;
 #[cfg(feature = "serde")]
 pub mod config;
+pub mod endpoints;
 mod error;
 mod failure;
 mod future;

@@ -111,6 +111,12 @@ impl Breakers {
         key.and_then(|k| keyed.target(k)).unwrap_or(Target::Default)
     }
 
+    /// The breaker of `key` (keyed breakers: `Target::Default` without).
+    pub(crate) fn target_for_key(&self, key: &str) -> Target {
+        let keyed = self.keyed.as_ref();
+        keyed.and_then(|k| k.target(key)).unwrap_or(Target::Default)
+    }
+
     /// The entry of a target, if the target's key still holds it.
     pub(crate) fn entry(&self, target: Target) -> Option<&Entry> {
         self.current(target).map(|(entry, _)| entry)

@@ -117,6 +117,73 @@ pub fn refused_addr() -> SocketAddr {
     addr
 }
 
+/// A server on 127.0.0.1 that accepts connections and never answers: a replica
+/// that hangs, whatever the path. Each connection is held until the peer
+/// closes it or 60 s pass. Dropping it stops accepting.
+pub struct Silent {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl Silent {
+    pub async fn start() -> Silent {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("silent upstream: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("silent upstream: local_addr");
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (count, live) = (Arc::clone(&accepted), Arc::clone(&open));
+        let accept = tokio::spawn(async move {
+            let mut held = JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let live = Arc::clone(&live);
+                live.fetch_add(1, Ordering::SeqCst);
+                held.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tokio::time::timeout(MAX_HOLD, async {
+                        while let Ok(n) = stream.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Silent {
+            addr,
+            accepted,
+            open,
+            accept,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections still held open by the peer.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
 /// A loopback port that refuses connections until it is told to listen: an
 /// upstream that is down and later comes back on the same address.
 ///
@@ -156,6 +223,12 @@ impl Upstream {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("fault upstream: bind 127.0.0.1:0");
+        Upstream::serve(listener)
+    }
+
+    /// Serves on a listener already bound (e.g. a [`ReservedPort`] that starts
+    /// listening: an upstream coming back on its old address).
+    pub fn serve(listener: TcpListener) -> Upstream {
         let addr = listener
             .local_addr()
             .expect("fault upstream: local_addr of a bound listener");
