@@ -37,7 +37,7 @@ use upstream_guard::observe::NoopObserver;
 use upstream_guard::{BoxError, RequestBody, ResponseBody, UpstreamGuard};
 
 use crate::guard::{BreakerKeys, GuardSettings};
-use crate::proxy::{self, Target};
+use crate::proxy::{self, Target, UpstreamClient};
 use crate::Failure;
 
 /// How long a stopping gateway waits for in-flight requests to finish.
@@ -48,13 +48,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The header the demo gateway uses to pick the upstream that is down.
 pub const UPSTREAM_SWITCH: &str = "x-demo-upstream";
 
-/// The client that talks to upstreams, over whatever body it is handed.
-type UpstreamClient<B> = Client<HttpConnector, B>;
 /// The guarded client, as every route's guarded forwarder holds it.
 type GuardedClient = UpstreamGuard<UpstreamClient<RequestBody<Incoming>>>;
 
 /// The one place the upstream client is configured, so that the guarded and
-/// the unguarded proxy connect, pool and speak exactly alike.
+/// the unguarded proxy connect, pool and speak exactly alike: HTTP/1.1, and
+/// h2c for gRPC calls (the shared [`UpstreamClient`]).
 pub fn upstream_client<B>() -> UpstreamClient<B>
 where
     B: Body + Send,
@@ -62,7 +61,7 @@ where
 {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+    UpstreamClient::new(&Client::builder(TokioExecutor::new()), connector)
 }
 
 /// What sends a forwarded request upstream.
