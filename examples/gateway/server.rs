@@ -4,6 +4,15 @@
 //! The proxy is a plain hyper service, one per connection: every request is
 //! forwarded whatever its path or method, so there is nothing to route, and
 //! each connection keeps its own copy of the forwarders (see [`Connection`]).
+//!
+//! Each connection is HTTP/1.1 or HTTP/2 without TLS (h2c, prior knowledge),
+//! as the caller opens it, so gRPC clients call through the proxy. A gRPC call
+//! goes upstream over h2c, every other request over HTTP/1.1 (the shared
+//! helper's rule, `examples/common/proxy.rs`), and the response streams back
+//! with its trailers: the upstream's own `grpc-status` reaches the caller
+//! unchanged, and the guard answers a failed call with a trailers-only
+//! `UNAVAILABLE` (refused, reset, circuit open) or `DEADLINE_EXCEEDED` (no
+//! answer by the call's `grpc-timeout` or the guard's deadline).
 
 use std::convert::Infallible;
 use std::future::Future;
