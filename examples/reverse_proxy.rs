@@ -156,10 +156,12 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let breakers = guard
         .breaker_handle()
         .ok_or("the guard was built without a circuit breaker")?;
-    let client = ServiceBuilder::new().layer(guard).service(UpstreamClient::new(
-        &Client::builder(TokioExecutor::new()),
-        HttpConnector::new(),
-    ));
+    let client = ServiceBuilder::new()
+        .layer(guard)
+        .service(UpstreamClient::new(
+            &Client::builder(TokioExecutor::new()),
+            HttpConnector::new(),
+        ));
     let proxy = Arc::new(Proxy {
         routes: config.routes,
         client,

@@ -279,7 +279,11 @@ async fn an_http2_callers_plain_request_goes_upstream_over_http_1_1() {
             .unwrap_or_else(|_| panic!("{placement}: no answer within {STEP:?}"));
 
         assert_eq!(status, StatusCode::OK, "{placement}: {body:?}");
-        assert_eq!(version, Version::HTTP_2, "{placement}: the caller's protocol");
+        assert_eq!(
+            version,
+            Version::HTTP_2,
+            "{placement}: the caller's protocol"
+        );
         assert_eq!(upstream.count("/ok"), 1, "{placement}");
     }
 }
@@ -310,12 +314,7 @@ impl Placement {
     async fn start(self, upstream: SocketAddr, timeouts: Timeouts) -> Running {
         let attempt = timeouts.attempt_ms.to_string();
         let deadline = timeouts.deadline_ms.to_string();
-        let guard_flags = [
-            "--attempt-timeout-ms",
-            &attempt,
-            "--deadline-ms",
-            &deadline,
-        ];
+        let guard_flags = ["--attempt-timeout-ms", &attempt, "--deadline-ms", &deadline];
         match self {
             Placement::ReverseProxy => {
                 let route = format!("/=http://{upstream}");

@@ -131,7 +131,10 @@ fn a_grpc_call_goes_upstream_over_h2c_whatever_the_caller_spoke() {
 
         assert_eq!(protocol, UpstreamProtocol::H2c, "from {version:?}");
         assert_eq!(parts.version, Version::HTTP_2, "from {version:?}");
-        assert_eq!(parts.uri, "http://10.1.2.3:8080/grpc.health.v1.Health/Check");
+        assert_eq!(
+            parts.uri,
+            "http://10.1.2.3:8080/grpc.health.v1.Health/Check"
+        );
     }
 }
 
@@ -237,7 +240,10 @@ fn every_other_hop_by_hop_header_is_removed_from_a_grpc_call() {
     for (name, _) in HOP_BY_HOP.iter().filter(|(name, _)| *name != "te") {
         assert_eq!(values(&parts, name), Vec::<String>::new(), "{name} crossed");
     }
-    assert_eq!(value(&parts, "content-type").as_deref(), Some("application/grpc"));
+    assert_eq!(
+        value(&parts, "content-type").as_deref(),
+        Some("application/grpc")
+    );
 }
 
 // ---------------------------------------------------------------------------
