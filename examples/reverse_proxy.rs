@@ -50,10 +50,10 @@
 //!
 //! The proxy serves HTTP/1.1 and HTTP/2 without TLS (h2c, prior knowledge) on
 //! the same port, so a gRPC client pointed at `http://ADDR` calls through it. A
-//! gRPC call (a `POST` with `content-type: application/grpc`, `…/grpc+proto`,
-//! …; not gRPC-Web) goes to its upstream over h2c, with `te: trailers`; every
-//! other request goes over HTTP/1.1, whatever the caller spoke, so upstreams
-//! that speak only HTTP/1.1 keep working for HTTP/2 callers. The response
+//! gRPC call (an HTTP/2 `POST` with `content-type: application/grpc`,
+//! `…/grpc+proto`, …; not gRPC-Web) goes to its upstream over h2c, with
+//! `te: trailers`; every other request goes over HTTP/1.1, from HTTP/2 callers
+//! too, so upstreams that speak only HTTP/1.1 keep working for them. The response
 //! streams back frame by frame, trailers included: the upstream's own
 //! `grpc-status` and `grpc-message`, in the headers or in the trailers, reach
 //! the client unchanged. When the upstream fails, the guard answers with a

@@ -122,20 +122,32 @@ fn forward(mut parts: request::Parts) -> (request::Parts, UpstreamProtocol) {
 }
 
 #[test]
-fn a_grpc_call_goes_upstream_over_h2c_whatever_the_caller_spoke() {
-    for version in [Version::HTTP_2, Version::HTTP_11] {
-        let mut parts = post(&[("content-type", "application/grpc")]);
-        parts.version = version;
+fn a_grpc_call_over_http_2_goes_upstream_over_h2c() {
+    let (parts, protocol) = forward(post(&[("content-type", "application/grpc")]));
 
-        let (parts, protocol) = forward(parts);
+    assert_eq!(protocol, UpstreamProtocol::H2c);
+    assert_eq!(parts.version, Version::HTTP_2);
+    assert_eq!(
+        parts.uri,
+        "http://10.1.2.3:8080/grpc.health.v1.Health/Check"
+    );
+}
 
-        assert_eq!(protocol, UpstreamProtocol::H2c, "from {version:?}");
-        assert_eq!(parts.version, Version::HTTP_2, "from {version:?}");
-        assert_eq!(
-            parts.uri,
-            "http://10.1.2.3:8080/grpc.health.v1.Health/Check"
-        );
-    }
+#[test]
+fn a_grpc_typed_request_over_http_1_1_stays_http_1_1_with_host_and_without_te() {
+    let mut parts = post(&[
+        ("content-type", "application/grpc"),
+        ("connection", "te"),
+        ("te", "trailers"),
+    ]);
+    parts.version = Version::HTTP_11;
+
+    let (parts, protocol) = forward(parts);
+
+    assert_eq!(protocol, UpstreamProtocol::Http1);
+    assert_eq!(parts.version, Version::HTTP_11);
+    assert_eq!(value(&parts, "host").as_deref(), Some("10.1.2.3:8080"));
+    assert_eq!(value(&parts, "te"), None);
 }
 
 #[test]
@@ -197,21 +209,6 @@ fn a_grpc_call_keeps_te_trailers_and_nothing_else_of_te() {
 
         assert_eq!(value(&parts, "te").as_deref(), Some("trailers"), "{te}");
     }
-}
-
-#[test]
-fn a_grpc_call_from_http_1_1_keeps_te_trailers_its_connection_names() {
-    let mut parts = post(&[
-        ("content-type", "application/grpc"),
-        ("connection", "te"),
-        ("te", "trailers"),
-    ]);
-    parts.version = Version::HTTP_11;
-
-    let (parts, _) = forward(parts);
-
-    assert_eq!(value(&parts, "te").as_deref(), Some("trailers"));
-    assert_eq!(value(&parts, "connection"), None);
 }
 
 #[test]

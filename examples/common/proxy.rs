@@ -10,8 +10,8 @@
 //! On the way to the upstream ([`forward_request`]):
 //!
 //! - the protocol is chosen ([`UpstreamProtocol::for_request`]): a gRPC call
-//!   goes over HTTP/2 without TLS (h2c, prior knowledge), everything else over
-//!   HTTP/1.1, whatever the caller spoke;
+//!   that came over HTTP/2 goes over HTTP/2 without TLS (h2c, prior
+//!   knowledge), everything else over HTTP/1.1;
 //! - the URI becomes the upstream's absolute `http://` URI with the path and
 //!   query the caller chooses (hyper-util's client wants absolute-form), and the
 //!   version the chosen protocol's, which is what tells [`UpstreamClient`]
@@ -39,16 +39,20 @@
 //! included, which is how a gRPC status that follows the response's messages
 //! reaches the caller.
 //!
-//! # Why gRPC, and only gRPC, goes over h2c
+//! # Why gRPC calls, and only they, go over h2c
 //!
 //! gRPC needs HTTP/2 end to end (trailers, and servers that speak nothing
-//! else), so a gRPC call goes upstream over h2c whatever the caller spoke.
-//! Any other request keeps HTTP/1.1, also from an HTTP/2 caller: every upstream
-//! speaks it, and an upstream that speaks only HTTP/1.1 keeps working when its
-//! callers move to HTTP/2. A gRPC call is a `POST` whose `content-type` is
+//! else), so a gRPC call goes upstream over h2c. Any other request keeps
+//! HTTP/1.1, also from an HTTP/2 caller: every upstream speaks it, and an
+//! upstream that speaks only HTTP/1.1 keeps working when its callers move to
+//! HTTP/2. A gRPC call is an HTTP/2 `POST` whose `content-type` is
 //! `application/grpc`, alone or followed by `+` (`application/grpc+proto`) or
-//! `;`. gRPC-Web (`application/grpc-web*`) is not: it was made for HTTP/1.1,
-//! and its servers speak that.
+//! `;`. Not gRPC-Web (`application/grpc-web*`): it was made for HTTP/1.1, and
+//! its servers speak that. Nor a gRPC-typed request over HTTP/1.1: no gRPC
+//! client sends one, and whatever sends it gets what an HTTP/1.1 caller
+//! always got, the HTTP/1.1 message it sent, forwarded as such (the tests'
+//! fault upstream, which speaks HTTP/1.1 only, relies on that to play a gRPC
+//! server that fails).
 //!
 //! # Forwarding headers
 //!
@@ -160,10 +164,13 @@ pub enum UpstreamProtocol {
 }
 
 impl UpstreamProtocol {
-    /// The protocol for a request, by what it is (a gRPC call or not), not by
-    /// what the caller spoke.
+    /// The protocol for a request: h2c for a gRPC call (an HTTP/2 `POST` with
+    /// gRPC's content type), else HTTP/1.1.
     pub fn for_request(parts: &request::Parts) -> UpstreamProtocol {
-        if parts.method == Method::POST && is_grpc_content_type(&parts.headers) {
+        let is_grpc_call = parts.version == Version::HTTP_2
+            && parts.method == Method::POST
+            && is_grpc_content_type(&parts.headers);
+        if is_grpc_call {
             UpstreamProtocol::H2c
         } else {
             UpstreamProtocol::Http1
@@ -203,8 +210,7 @@ pub fn forward_request(
 ) -> Result<UpstreamProtocol, http::Error> {
     let uri = target.uri(path_and_query)?;
     let protocol = UpstreamProtocol::for_request(parts);
-    // Read before the hop-by-hop headers go: `Connection` may name `Host`, and
-    // an HTTP/1.1 caller's `TE` is named by its `Connection`.
+    // Read before the hop-by-hop headers go: `Connection` may name `Host`.
     let original_host = original_host(parts);
     let wants_trailers = protocol == UpstreamProtocol::H2c && accepts_trailers(&parts.headers);
     remove_hop_by_hop(&mut parts.headers);

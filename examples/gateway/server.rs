@@ -7,8 +7,8 @@
 //!
 //! Each connection is HTTP/1.1 or HTTP/2 without TLS (h2c, prior knowledge),
 //! as the caller opens it, so gRPC clients call through the proxy. A gRPC call
-//! goes upstream over h2c, every other request over HTTP/1.1 (the shared
-//! helper's rule, `examples/common/proxy.rs`), and the response streams back
+//! (over HTTP/2) goes upstream over h2c, every other request over HTTP/1.1 (the
+//! shared helper's rule, `examples/common/proxy.rs`), and the response streams back
 //! with its trailers: the upstream's own `grpc-status` reaches the caller
 //! unchanged, and the guard answers a failed call with a trailers-only
 //! `UNAVAILABLE` (refused, reset, circuit open) or `DEADLINE_EXCEEDED` (no
