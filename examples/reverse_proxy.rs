@@ -45,6 +45,28 @@
 //!   breaker state as JSON (a breaker appears once its upstream got a request).
 //!
 //! Upgrades (WebSocket) are not proxied.
+//!
+//! ## gRPC
+//!
+//! The proxy serves HTTP/1.1 and HTTP/2 without TLS (h2c, prior knowledge) on
+//! the same port, so a gRPC client pointed at `http://ADDR` calls through it. A
+//! gRPC call (an HTTP/2 `POST` with `content-type: application/grpc`,
+//! `…/grpc+proto`, …; not gRPC-Web) goes to its upstream over h2c, with
+//! `te: trailers`; every other request goes over HTTP/1.1, from HTTP/2 callers
+//! too, so upstreams that speak only HTTP/1.1 keep working for them. The response
+//! streams back frame by frame, trailers included: the upstream's own
+//! `grpc-status` and `grpc-message`, in the headers or in the trailers, reach
+//! the client unchanged. When the upstream fails, the guard answers with a
+//! gRPC status (HTTP 200, trailers-only) instead of a problem+json:
+//!
+//! - `UNAVAILABLE` (14): nothing listens at the upstream, the connection broke
+//!   before an answer, or the upstream's breaker is open;
+//! - `DEADLINE_EXCEEDED` (4): no answer by the call's deadline. The client's
+//!   own deadline (its `grpc-timeout`) wins when it is shorter than
+//!   `--deadline-ms`, and the upstream is told what is left of it.
+//!
+//! The route is chosen by path as for any request (gRPC paths are
+//! `/package.Service/Method`), so `--route /=URL` sends every service to `URL`.
 
 #[path = "common/proxy.rs"]
 mod proxy;
@@ -77,7 +99,7 @@ use upstream_guard::{
     BreakerHandle, BreakerPolicy, RequestBody, UpstreamGuard, UpstreamGuardLayer,
 };
 
-use crate::proxy::Target;
+use crate::proxy::{Target, UpstreamClient};
 
 const USAGE: &str = "\
 usage: reverse_proxy [--listen ADDR] --route [HOST]PREFIX=URL [--route ...]
@@ -92,9 +114,10 @@ usage: reverse_proxy [--listen ADDR] --route [HOST]PREFIX=URL [--route ...]
   --breaker-failures N     consecutive failures that open an upstream's breaker (default 5)
   --breaker-open-ms N      how long a breaker stays open (default 5000)";
 
-/// The shared upstream client; the guard hands it the caller's body, or a
-/// buffered copy of it when a request may be retried.
-type UpstreamClient = UpstreamGuard<Client<HttpConnector, RequestBody<Body>>>;
+/// The shared upstream client (HTTP/1.1, and h2c for gRPC calls); the guard
+/// hands it the caller's body, or a buffered copy of it when a request may be
+/// retried.
+type GuardedClient = UpstreamGuard<UpstreamClient<RequestBody<Body>>>;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -135,7 +158,10 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .ok_or("the guard was built without a circuit breaker")?;
     let client = ServiceBuilder::new()
         .layer(guard)
-        .service(Client::builder(TokioExecutor::new()).build_http());
+        .service(UpstreamClient::new(
+            &Client::builder(TokioExecutor::new()),
+            HttpConnector::new(),
+        ));
     let proxy = Arc::new(Proxy {
         routes: config.routes,
         client,
@@ -177,7 +203,7 @@ fn init_tracing() {
 /// What every request handler shares.
 struct Proxy {
     routes: Vec<Route>,
-    client: UpstreamClient,
+    client: GuardedClient,
     breakers: BreakerHandle,
 }
 

@@ -1,6 +1,7 @@
 //! The proxy helper every gateway here shares (`examples/common/proxy.rs`):
-//! what it does to a request's URI and headers on the way to the upstream, and
-//! to a response's headers on the way back.
+//! what it does to a request's URI and headers on the way to the upstream, which
+//! protocol the request goes in (h2c for a gRPC call, else HTTP/1.1), and what it
+//! does to a response's headers on the way back.
 
 #[path = "../examples/common/proxy.rs"]
 mod proxy;
@@ -10,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use http::header::HeaderValue;
 use http::{request, response, Request, Response, Version};
 
-use proxy::{forward_request, forward_response, Target};
+use proxy::{forward_request, forward_response, Target, UpstreamProtocol};
 
 /// The caller every test's request comes from, unless it says otherwise.
 const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 51000);
@@ -80,7 +81,7 @@ fn an_absolute_form_target_is_re_aimed_at_the_upstream() {
 }
 
 #[test]
-fn the_forwarded_request_is_http_1_1_whatever_the_caller_spoke() {
+fn a_request_that_is_no_grpc_call_is_http_1_1_whatever_the_caller_spoke() {
     let mut parts = request("/", &[]);
     parts.version = Version::HTTP_2;
     let path = proxy::path_and_query(&parts.uri);
@@ -97,6 +98,148 @@ fn host_becomes_the_upstreams_authority_and_the_callers_goes_to_x_forwarded_host
     assert_eq!(
         value(&parts, "x-forwarded-host").as_deref(),
         Some("public.example:8443")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// gRPC calls: h2c upstream
+// ---------------------------------------------------------------------------
+
+/// The head of a `POST` with `headers`, as a proxy received it over HTTP/2.
+fn post(headers: &[(&str, &str)]) -> request::Parts {
+    let mut builder = Request::post("/grpc.health.v1.Health/Check").version(Version::HTTP_2);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(()).expect("a valid request").into_parts().0
+}
+
+/// `parts` forwarded, and the protocol it goes upstream in.
+fn forward(mut parts: request::Parts) -> (request::Parts, UpstreamProtocol) {
+    let path = proxy::path_and_query(&parts.uri);
+    let protocol = forward_request(&mut parts, &target(), path, CLIENT).expect("a buildable URI");
+    (parts, protocol)
+}
+
+#[test]
+fn a_grpc_call_over_http_2_goes_upstream_over_h2c() {
+    let (parts, protocol) = forward(post(&[("content-type", "application/grpc")]));
+
+    assert_eq!(protocol, UpstreamProtocol::H2c);
+    assert_eq!(parts.version, Version::HTTP_2);
+    assert_eq!(
+        parts.uri,
+        "http://10.1.2.3:8080/grpc.health.v1.Health/Check"
+    );
+}
+
+#[test]
+fn a_grpc_typed_request_over_http_1_1_stays_http_1_1_with_host_and_without_te() {
+    let mut parts = post(&[
+        ("content-type", "application/grpc"),
+        ("connection", "te"),
+        ("te", "trailers"),
+    ]);
+    parts.version = Version::HTTP_11;
+
+    let (parts, protocol) = forward(parts);
+
+    assert_eq!(protocol, UpstreamProtocol::Http1);
+    assert_eq!(parts.version, Version::HTTP_11);
+    assert_eq!(value(&parts, "host").as_deref(), Some("10.1.2.3:8080"));
+    assert_eq!(value(&parts, "te"), None);
+}
+
+#[test]
+fn grpc_content_types_with_a_suffix_or_parameters_go_over_h2c() {
+    for content_type in ["application/grpc+proto", "application/grpc;charset=utf-8"] {
+        let (parts, protocol) = forward(post(&[("content-type", content_type)]));
+
+        assert_eq!(protocol, UpstreamProtocol::H2c, "{content_type}");
+        assert_eq!(parts.version, Version::HTTP_2, "{content_type}");
+    }
+}
+
+#[test]
+fn grpc_web_and_other_requests_stay_http_1_1() {
+    for content_type in [
+        "application/grpc-web",
+        "application/grpc-web+proto",
+        "application/grpcx",
+        "application/json",
+    ] {
+        let (parts, protocol) = forward(post(&[("content-type", content_type)]));
+
+        assert_eq!(protocol, UpstreamProtocol::Http1, "{content_type}");
+        assert_eq!(parts.version, Version::HTTP_11, "{content_type}");
+    }
+    let (_, protocol) = forward(post(&[]));
+    assert_eq!(protocol, UpstreamProtocol::Http1, "no content type");
+    let get = request("/x", &[("content-type", "application/grpc")]);
+    assert_eq!(forward(get).1, UpstreamProtocol::Http1, "not a POST");
+}
+
+#[test]
+fn a_grpc_call_names_its_upstream_in_the_uri_not_in_host() {
+    let (parts, _) = forward(post(&[
+        ("content-type", "application/grpc"),
+        ("host", "public.example"),
+    ]));
+
+    assert_eq!(value(&parts, "host"), None);
+    assert_eq!(
+        parts.uri.authority().map(|a| a.as_str()),
+        Some("10.1.2.3:8080")
+    );
+    assert_eq!(
+        value(&parts, "x-forwarded-host").as_deref(),
+        Some("public.example")
+    );
+}
+
+#[test]
+fn a_grpc_call_keeps_te_trailers_and_nothing_else_of_te() {
+    for te in [
+        "trailers",
+        "Trailers",
+        "deflate;q=0.5, trailers",
+        "trailers, gzip",
+    ] {
+        let (parts, _) = forward(post(&[("content-type", "application/grpc"), ("te", te)]));
+
+        assert_eq!(value(&parts, "te").as_deref(), Some("trailers"), "{te}");
+    }
+}
+
+#[test]
+fn a_grpc_call_without_te_trailers_has_no_te() {
+    for headers in [
+        &[("content-type", "application/grpc")][..],
+        &[("content-type", "application/grpc"), ("te", "gzip")][..],
+    ] {
+        let (parts, _) = forward(post(headers));
+
+        assert_eq!(value(&parts, "te"), None, "{headers:?}");
+    }
+}
+
+#[test]
+fn every_other_hop_by_hop_header_is_removed_from_a_grpc_call() {
+    let mut headers: Vec<(&str, &str)> = HOP_BY_HOP
+        .iter()
+        .copied()
+        .filter(|(name, _)| *name != "te")
+        .collect();
+    headers.push(("content-type", "application/grpc"));
+    headers.push(("te", "trailers"));
+    let (parts, _) = forward(post(&headers));
+
+    for (name, _) in HOP_BY_HOP.iter().filter(|(name, _)| *name != "te") {
+        assert_eq!(values(&parts, name), Vec::<String>::new(), "{name} crossed");
+    }
+    assert_eq!(
+        value(&parts, "content-type").as_deref(),
+        Some("application/grpc")
     );
 }
 

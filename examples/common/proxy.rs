@@ -1,27 +1,58 @@
 //! What every reverse proxy in this repository does to a request on its way to
-//! the upstream, and to the response on its way back: one copy, included with
-//! `#[path]` by `examples/gateway/`, `examples/reverse_proxy.rs`, the tests'
-//! gateway (`tests/support/gateway.rs`, and through it `examples/soak.rs`) and
-//! the unit tests in `tests/proxy_headers.rs`. It needs only the `http` crate,
-//! so each of them can include it as a plain module.
+//! the upstream, and to the response on its way back, and the client that
+//! sends it: one copy, included with `#[path]` by `examples/gateway/`,
+//! `examples/reverse_proxy.rs`, the tests' gateway (`tests/support/gateway.rs`,
+//! and through it `examples/soak.rs`) and the unit tests in
+//! `tests/proxy_headers.rs`. It needs only `http`, `http-body`, `hyper-util`
+//! and `tower` (dev-dependencies every includer has), so each of them can
+//! include it as a plain module.
 //!
 //! On the way to the upstream ([`forward_request`]):
 //!
+//! - the protocol is chosen ([`UpstreamProtocol::for_request`]): a gRPC call
+//!   that came over HTTP/2 goes over HTTP/2 without TLS (h2c, prior
+//!   knowledge), everything else over HTTP/1.1;
 //! - the URI becomes the upstream's absolute `http://` URI with the path and
 //!   query the caller chooses (hyper-util's client wants absolute-form), and the
-//!   version HTTP/1.1 (what the client speaks to the upstream; the caller's
-//!   version belongs to the caller's connection);
+//!   version the chosen protocol's, which is what tells [`UpstreamClient`]
+//!   which of its two clients sends it (the caller's version belongs to the
+//!   caller's connection);
 //! - hop-by-hop headers are removed ([`remove_hop_by_hop`], RFC 9110 §7.6.1):
-//!   they describe the caller's connection, not the message;
+//!   they describe the caller's connection, not the message. The one exception
+//!   is `TE: trailers` on a request forwarded over h2c, when the caller sent it:
+//!   in HTTP/2 it is the only `TE` allowed (RFC 9113 §8.2.2), and gRPC requires
+//!   it (servers use it to detect proxies that would lose the trailers that
+//!   carry the call's status);
 //! - forwarding headers record the caller ([`add_forwarding_headers`]);
 //! - `Host` becomes the upstream's authority. The upstream is addressed by its
 //!   own name (an upstream that serves several virtual hosts routes on it, and
 //!   an upstream's absolute links and redirects name it), not by the public name
 //!   the caller used; that one is kept in `X-Forwarded-Host` and in the
 //!   `host=` of `Forwarded`, for an upstream that wants to build public URLs.
+//!   Over h2c the upstream's authority travels in the URI (`:authority`), and
+//!   there is no `Host` header (RFC 9113 §8.3.1: `:authority` replaces it).
 //!
 //! On the way back ([`forward_response`]), hop-by-hop headers are removed again
 //! and the version is HTTP/1.1: the upstream's connection is not the caller's.
+//! (hyper's HTTP/2 server ignores a response's version.) Bodies are not the
+//! helper's business; every proxy here streams them frame by frame, trailers
+//! included, which is how a gRPC status that follows the response's messages
+//! reaches the caller.
+//!
+//! # Why gRPC calls, and only they, go over h2c
+//!
+//! gRPC needs HTTP/2 end to end (trailers, and servers that speak nothing
+//! else), so a gRPC call goes upstream over h2c. Any other request keeps
+//! HTTP/1.1, also from an HTTP/2 caller: every upstream speaks it, and an
+//! upstream that speaks only HTTP/1.1 keeps working when its callers move to
+//! HTTP/2. A gRPC call is an HTTP/2 `POST` whose `content-type` is
+//! `application/grpc`, alone or followed by `+` (`application/grpc+proto`) or
+//! `;`. Not gRPC-Web (`application/grpc-web*`): it was made for HTTP/1.1, and
+//! its servers speak that. Nor a gRPC-typed request over HTTP/1.1: no gRPC
+//! client sends one, and whatever sends it gets what an HTTP/1.1 caller
+//! always got, the HTTP/1.1 message it sent, forwarded as such (the tests'
+//! fault upstream, which speaks HTTP/1.1 only, relies on that to play a gRPC
+//! server that fails).
 //!
 //! # Forwarding headers
 //!
@@ -44,12 +75,17 @@
 //! a dual-stack socket (`::ffff:192.0.2.1`) is written as the IPv4 address it is.
 #![allow(dead_code)]
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
+use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{request, response, Uri, Version};
+use http::{request, response, Method, Request, Uri, Version};
+use http_body::Body;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Builder, Client, Error, ResponseFuture};
+use tower::Service;
 
 /// Headers that describe one connection, not the message, and so never cross a
 /// proxy: RFC 9110 §7.6.1's list, plus `Proxy-Authenticate` and
@@ -117,30 +153,183 @@ pub fn path_and_query(uri: &Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
+/// How a request goes to its upstream (see "Why gRPC, and only gRPC, goes over
+/// h2c" in the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1: every request but a gRPC call.
+    Http1,
+    /// HTTP/2 over plain TCP, with prior knowledge: gRPC calls.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// The protocol for a request: h2c for a gRPC call (an HTTP/2 `POST` with
+    /// gRPC's content type), else HTTP/1.1.
+    pub fn for_request(parts: &request::Parts) -> UpstreamProtocol {
+        let is_grpc_call = parts.version == Version::HTTP_2
+            && parts.method == Method::POST
+            && is_grpc_content_type(&parts.headers);
+        if is_grpc_call {
+            UpstreamProtocol::H2c
+        } else {
+            UpstreamProtocol::Http1
+        }
+    }
+
+    /// The version a request sent in this protocol carries; [`UpstreamClient`]
+    /// picks its client by it.
+    pub fn version(self) -> Version {
+        match self {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c => Version::HTTP_2,
+        }
+    }
+}
+
+/// `application/grpc`, alone or followed by `+` or `;` (not gRPC-Web).
+fn is_grpc_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    match value.as_bytes().strip_prefix(b"application/grpc") {
+        Some(rest) => matches!(rest.first(), None | Some(b'+' | b';')),
+        None => false,
+    }
+}
+
 /// Turns the head of a request a proxy received from `client` into the head of
-/// the request it sends to `target`, at `path_and_query` (see the module docs).
-/// On error (a URI that cannot be built) `parts` is left as it was.
+/// the request it sends to `target`, at `path_and_query` (see the module docs),
+/// and says which protocol it goes in. On error (a URI that cannot be built)
+/// `parts` is left as it was.
 pub fn forward_request(
     parts: &mut request::Parts,
     target: &Target,
     path_and_query: PathAndQuery,
     client: SocketAddr,
-) -> Result<(), http::Error> {
+) -> Result<UpstreamProtocol, http::Error> {
     let uri = target.uri(path_and_query)?;
+    let protocol = UpstreamProtocol::for_request(parts);
     // Read before the hop-by-hop headers go: `Connection` may name `Host`.
     let original_host = original_host(parts);
+    let wants_trailers = protocol == UpstreamProtocol::H2c && accepts_trailers(&parts.headers);
     remove_hop_by_hop(&mut parts.headers);
     add_forwarding_headers(&mut parts.headers, client.ip(), original_host.as_ref());
-    parts.headers.insert(header::HOST, target.host.clone());
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            parts.headers.insert(header::HOST, target.host.clone());
+        }
+        UpstreamProtocol::H2c => {
+            parts.headers.remove(header::HOST);
+            if wants_trailers {
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+        }
+    }
     parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    Ok(())
+    parts.version = protocol.version();
+    Ok(protocol)
+}
+
+/// Whether a `TE` header lists `trailers` (in any case, across lines).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// Turns the head of an upstream's response into the head of the proxy's.
 pub fn forward_response(parts: &mut response::Parts) {
     remove_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
+}
+
+/// The client every proxy here sends upstream with: a hyper-util client for
+/// HTTP/1.1 and one for h2c, as one service that sends each request with the
+/// client its version names (HTTP/2: h2c; any other: HTTP/1.1), as
+/// [`forward_request`] set it. One service rather than two, so that one guard
+/// wraps both: a call's retries, its upstream's circuit breaker and the retry
+/// budget are the same whichever protocol it goes in. Each client pools its
+/// own connections (an h2c connection carries many calls at once).
+pub struct UpstreamClient<B> {
+    http1: Client<HttpConnector, B>,
+    h2c: Client<HttpConnector, B>,
+}
+
+impl<B> UpstreamClient<B>
+where
+    B: Body + Send,
+    B::Data: Send,
+{
+    /// Both clients from one `builder` (pool and timeouts alike) and one
+    /// `connector`; the h2c one with `http2_only`, which is prior knowledge:
+    /// no TLS, no `Upgrade: h2c` round trip.
+    pub fn new(builder: &Builder, connector: HttpConnector) -> UpstreamClient<B> {
+        let mut h2c = builder.clone();
+        h2c.http2_only(true);
+        UpstreamClient {
+            http1: builder.build(connector.clone()),
+            h2c: h2c.build(connector),
+        }
+    }
+}
+
+impl<B> UpstreamClient<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Sends `request` with the client for its version.
+    pub fn request(&self, request: Request<B>) -> ResponseFuture {
+        if request.version() == Version::HTTP_2 {
+            self.h2c.request(request)
+        } else {
+            self.http1.request(request)
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for UpstreamClient<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    /// Always ready, as hyper-util's client is: it waits for a connection
+    /// inside the call.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> ResponseFuture {
+        self.request(request)
+    }
+}
+
+// By hand: derived, they would require `B: Clone` and `B: Debug`, which the
+// clients do not.
+impl<B> Clone for UpstreamClient<B> {
+    fn clone(&self) -> Self {
+        UpstreamClient {
+            http1: self.http1.clone(),
+            h2c: self.h2c.clone(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for UpstreamClient<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamClient").finish_non_exhaustive()
+    }
 }
 
 /// The host the caller asked for: its `Host` header, or the authority of an

@@ -4,6 +4,15 @@
 //! The proxy is a plain hyper service, one per connection: every request is
 //! forwarded whatever its path or method, so there is nothing to route, and
 //! each connection keeps its own copy of the forwarders (see [`Connection`]).
+//!
+//! Each connection is HTTP/1.1 or HTTP/2 without TLS (h2c, prior knowledge),
+//! as the caller opens it, so gRPC clients call through the proxy. A gRPC call
+//! (over HTTP/2) goes upstream over h2c, every other request over HTTP/1.1 (the
+//! shared helper's rule, `examples/common/proxy.rs`), and the response streams back
+//! with its trailers: the upstream's own `grpc-status` reaches the caller
+//! unchanged, and the guard answers a failed call with a trailers-only
+//! `UNAVAILABLE` (refused, reset, circuit open) or `DEADLINE_EXCEEDED` (no
+//! answer by the call's `grpc-timeout` or the guard's deadline).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,7 +46,7 @@ use upstream_guard::observe::NoopObserver;
 use upstream_guard::{BoxError, RequestBody, ResponseBody, UpstreamGuard};
 
 use crate::guard::{BreakerKeys, GuardSettings};
-use crate::proxy::{self, Target};
+use crate::proxy::{self, Target, UpstreamClient};
 use crate::Failure;
 
 /// How long a stopping gateway waits for in-flight requests to finish.
@@ -48,13 +57,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The header the demo gateway uses to pick the upstream that is down.
 pub const UPSTREAM_SWITCH: &str = "x-demo-upstream";
 
-/// The client that talks to upstreams, over whatever body it is handed.
-type UpstreamClient<B> = Client<HttpConnector, B>;
 /// The guarded client, as every route's guarded forwarder holds it.
 type GuardedClient = UpstreamGuard<UpstreamClient<RequestBody<Incoming>>>;
 
 /// The one place the upstream client is configured, so that the guarded and
-/// the unguarded proxy connect, pool and speak exactly alike.
+/// the unguarded proxy connect, pool and speak exactly alike: HTTP/1.1, and
+/// h2c for gRPC calls (the shared [`UpstreamClient`]).
 pub fn upstream_client<B>() -> UpstreamClient<B>
 where
     B: Body + Send,
@@ -62,7 +70,7 @@ where
 {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+    UpstreamClient::new(&Client::builder(TokioExecutor::new()), connector)
 }
 
 /// What sends a forwarded request upstream.

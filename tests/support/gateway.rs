@@ -3,8 +3,9 @@
 //! and the checks every answer must pass.
 //!
 //! - [`Gateway`]: an `axum::Router` whose fallback forwards every request to the
-//!   fault upstream through an [`UpstreamGuard`] around a hyper-util client,
-//!   served by hyper on `127.0.0.1:0`. A request with `x-chaos-upstream: refused`
+//!   fault upstream through an [`UpstreamGuard`] around the proxies' shared
+//!   upstream client (HTTP/1.1, and h2c for gRPC calls), served by hyper on
+//!   `127.0.0.1:0` (HTTP/1.1, and h2c with prior knowledge). A request with `x-chaos-upstream: refused`
 //!   goes to a second authority where nothing listens. Dropping it aborts the
 //!   accept loop and every connection task.
 //! - [`Caller`]: the plain hyper-util client that callers use; [`exchange`] sends
@@ -44,6 +45,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
@@ -72,8 +74,8 @@ pub const UPSTREAM_NAME: &str = "fault-upstream";
 // The gateway
 // ---------------------------------------------------------------------------
 
-/// The client inside the guard.
-pub type UpstreamClient = Client<HttpConnector, RequestBody<Body>>;
+/// The client inside the guard: HTTP/1.1, and h2c for gRPC calls.
+pub type UpstreamClient = proxy::UpstreamClient<RequestBody<Body>>;
 
 struct Routes {
     upstream: RwLock<Target>,
@@ -95,9 +97,9 @@ impl Gateway {
     /// Serves a gateway that forwards to `upstream` (`127.0.0.1:PORT`), or to
     /// `refused` for requests with `x-chaos-upstream: refused`, through `layer`.
     pub async fn start(upstream: &str, refused: &str, layer: UpstreamGuardLayer) -> Gateway {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(POOL_IDLE)
-            .build_http::<RequestBody<Body>>();
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_max_idle_per_host(POOL_IDLE);
+        let client = UpstreamClient::new(&builder, HttpConnector::new());
         let routes = Arc::new(Routes {
             upstream: RwLock::new(target(upstream)),
             refused: target(refused),
@@ -201,7 +203,8 @@ async fn serve(
                     ));
                     connections.spawn(async move {
                         let _guard = guard;
-                        let _ = hyper::server::conn::http1::Builder::new()
+                        // HTTP/1.1, or h2c with prior knowledge (gRPC callers).
+                        let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection(TokioIo::new(stream), service)
                             .await;
                     });

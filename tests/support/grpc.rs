@@ -9,6 +9,7 @@
 //! the tonic test compiles tonic code: the users include it themselves.
 #![allow(dead_code)]
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,9 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -28,6 +34,7 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower::layer::layer_fn;
@@ -275,4 +282,131 @@ fn trailers_only(code: Code, message: &'static str) -> http::Response<Body> {
     headers.insert("grpc-status", http::HeaderValue::from(code as i32));
     headers.insert("grpc-message", http::HeaderValue::from_static(message));
     response
+}
+
+// ---------------------------------------------------------------------------
+// A scripted gRPC server: messages, then a status in the trailers
+// ---------------------------------------------------------------------------
+
+/// What a [`ScriptedServer`] answers every call with: one
+/// `grpc.health.v1.HealthCheckResponse` message per entry of `statuses`, `gap`
+/// apart (the first at once), then trailers with `code` and `message`. What a
+/// tonic server cannot be made to do on cue: a status that follows messages
+/// (tonic's own errors are trailers-only), and a stream that takes its time.
+#[derive(Clone, Debug)]
+pub struct Script {
+    pub statuses: Vec<ServingStatus>,
+    pub gap: Duration,
+    pub code: Code,
+    pub message: &'static str,
+}
+
+/// The head of a call a [`ScriptedServer`] received.
+#[derive(Clone, Debug)]
+pub struct SeenCall {
+    pub version: http::Version,
+    pub uri: Uri,
+    pub headers: http::HeaderMap,
+}
+
+/// A gRPC server on bare hyper HTTP/2 connections (h2c, prior knowledge, as
+/// every gRPC server without TLS) that answers every call by its [`Script`];
+/// dropping it stops accepting connections.
+pub struct ScriptedServer {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<SeenCall>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedServer {
+    pub async fn start(script: Script) -> ScriptedServer {
+        let (listener, addr) = bind().await;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _peer)) = listener.accept().await {
+                let (script, recorder) = (script.clone(), Arc::clone(&recorder));
+                let service = service_fn(move |request: http::Request<Incoming>| {
+                    record(&recorder, &request);
+                    std::future::ready(Ok::<_, Infallible>(scripted_response(script.clone())))
+                });
+                let connection = http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::spawn(connection);
+            }
+        });
+        ScriptedServer { addr, seen, task }
+    }
+
+    /// The calls received so far, in order.
+    pub fn calls(&self) -> Vec<SeenCall> {
+        self.seen
+            .lock()
+            .map(|seen| seen.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn record(seen: &Mutex<Vec<SeenCall>>, request: &http::Request<Incoming>) {
+    if let Ok(mut seen) = seen.lock() {
+        seen.push(SeenCall {
+            version: request.version(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        });
+    }
+}
+
+/// HTTP 200, `application/grpc`, and the script's messages and trailers as
+/// the body.
+fn scripted_response(script: Script) -> http::Response<UnsyncBoxBody<Bytes, Infallible>> {
+    let mut response = http::Response::new(scripted_body(script).boxed_unsync());
+    response.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The script's frames: each message (after `gap`, but the first), then the
+/// trailers.
+fn scripted_body(
+    script: Script,
+) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+    let frames = futures_util::stream::unfold((script, 0), |(script, sent)| async move {
+        let frame = match script.statuses.get(sent) {
+            Some(&status) => {
+                if sent > 0 {
+                    tokio::time::sleep(script.gap).await;
+                }
+                Frame::data(health_response(status))
+            }
+            None if sent == script.statuses.len() => {
+                Frame::trailers(status_trailers(script.code, script.message))
+            }
+            None => return None,
+        };
+        Some((Ok(frame), (script, sent + 1)))
+    });
+    StreamBody::new(frames)
+}
+
+/// One length-prefixed gRPC message: an uncompressed `HealthCheckResponse`
+/// whose field 1 (`status`, a varint below 128) is `status`.
+fn health_response(status: ServingStatus) -> Bytes {
+    Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status as u8])
+}
+
+/// `grpc-status` and `grpc-message` (which must need no percent-encoding).
+fn status_trailers(code: Code, message: &'static str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(code as i32));
+    trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+    trailers
 }
