@@ -15,7 +15,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use support::example_process::{get, send, Answer, Example, ExampleProcess};
-use support::upstream::{refused_addr, Recorded, Upstream};
+use support::upstream::{refused_addr, Recorded, Silent, Upstream};
 
 const GATEWAY: Example = Example("gateway");
 /// The guard settings every proxy in these tests runs with.
@@ -174,6 +174,55 @@ async fn a_hanging_upstream_answers_504_within_the_deadline() {
         elapsed < limit,
         "answered after {elapsed:?}, limit {limit:?}"
     );
+}
+
+#[tokio::test]
+async fn with_two_replicas_one_refusing_every_get_is_answered_by_the_other() {
+    let upstream = Upstream::start().await;
+    let refused = format!("http://{}", refused_addr());
+    let proxy = start_proxy_with(&upstream.url(""), &["--upstream", &refused]).await;
+    for _ in 0..20 {
+        let answer = get(&proxy.url("/ok")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.count("/ok"), 20);
+}
+
+#[tokio::test]
+async fn with_hedging_a_hanging_replica_costs_about_the_hedge_delay() {
+    let upstream = Upstream::start().await;
+    let hanging = Silent::start().await;
+    let hanging = format!("http://{}", hanging.addr());
+    let flags = ["--upstream", &hanging, "--hedge-after-ms", "50"];
+    let proxy = start_proxy_with(&upstream.url(""), &flags).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let started = Instant::now();
+        let answer = get(&proxy.url("/ok")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        slowest = slowest.max(started.elapsed());
+    }
+    // Without the hedge, a GET sent to the hanging replica first would wait
+    // for the 300 ms attempt timeout before its retry.
+    assert!(slowest < Duration::from_millis(250), "{slowest:?}");
+}
+
+#[tokio::test]
+async fn no_guard_takes_one_upstream_only() {
+    let output = GATEWAY
+        .run_to_exit(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--upstream",
+            "http://127.0.0.1:2",
+            "--no-guard",
+        ])
+        .await;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("one --upstream"), "stderr:\n{stderr}");
 }
 
 #[tokio::test]

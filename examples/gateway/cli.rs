@@ -19,7 +19,7 @@ use crate::guard::{
     about = ABOUT,
     long_about = None,
     override_usage = "gateway [OPTIONS]\n       \
-                      gateway --listen <ADDR> --upstream <URL> [--no-guard] [OPTIONS]",
+                      gateway --listen <ADDR> --upstream <URL>... [--no-guard] [OPTIONS]",
     after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=upstream_guard=debug) for more."
 )]
 pub struct Cli {
@@ -27,9 +27,10 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", requires = "upstream")]
     listen: Option<SocketAddr>,
 
-    /// Upstream to proxy to, http only, e.g. http://127.0.0.1:3000
+    /// Upstream to proxy to, http only, e.g. http://127.0.0.1:3000; repeat it for
+    /// replicas of one upstream (each behind its own circuit breaker)
     #[arg(long, value_name = "URL", requires = "listen", value_parser = parse_upstream)]
-    upstream: Option<Authority>,
+    upstream: Vec<Authority>,
 
     /// Per-attempt timeout for response headers
     #[arg(long, value_name = "N", default_value_t = DEFAULT_ATTEMPT_TIMEOUT_MS)]
@@ -50,6 +51,11 @@ pub struct Cli {
     /// Circuit breaker: how long it stays open before a probe
     #[arg(long, value_name = "N", default_value_t = DEFAULT_OPEN_MS)]
     open_ms: u64,
+
+    /// Hedging: send another attempt of a GET (or any request safe to resend)
+    /// when one has had no answer for N ms (0 or absent: no hedging)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    hedge_after_ms: u64,
 
     /// Proxy mode only: the same proxy without the guard, for side-by-side benchmarks
     /// (a failed upstream call is a plain 502; guard flags are still checked)
@@ -77,7 +83,8 @@ pub enum Mode {
     Demo,
     Proxy {
         listen: SocketAddr,
-        upstream: Authority,
+        /// One upstream, or replicas of one (at least one).
+        upstreams: Vec<Authority>,
         guarded: bool,
     },
 }
@@ -90,12 +97,14 @@ impl Cli {
             max_attempts: self.max_attempts,
             failure_threshold: self.failure_threshold,
             open_for: Duration::from_millis(self.open_ms),
+            hedge_after: (self.hedge_after_ms > 0)
+                .then(|| Duration::from_millis(self.hedge_after_ms)),
         };
         // clap's `requires` makes `--listen` and `--upstream` come together.
-        let mode = match (self.listen, self.upstream) {
-            (Some(listen), Some(upstream)) => Mode::Proxy {
+        let mode = match self.listen {
+            Some(listen) if !self.upstream.is_empty() => Mode::Proxy {
                 listen,
-                upstream,
+                upstreams: self.upstream,
                 guarded: !self.no_guard,
             },
             _ => Mode::Demo,

@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use upstream_guard::endpoints::{Endpoints, EndpointsBuilder};
 use upstream_guard::observe::NoopObserver;
-use upstream_guard::{BreakerPolicy, ConfigError, Observer, RetryPolicy, UpstreamGuardLayer};
+use upstream_guard::{
+    BreakerPolicy, ConfigError, HedgePolicy, Observer, RetryPolicy, UpstreamGuardLayer,
+};
 
 /// Default per-attempt timeout (`--attempt-timeout-ms`).
 pub const DEFAULT_ATTEMPT_TIMEOUT_MS: u64 = 300;
@@ -30,6 +33,8 @@ pub struct GuardSettings {
     pub max_attempts: u32,
     pub failure_threshold: u32,
     pub open_for: Duration,
+    /// Hedge after this long without an answer; `None`: no hedging.
+    pub hedge_after: Option<Duration>,
 }
 
 /// How one guard groups requests into circuit breakers.
@@ -92,13 +97,38 @@ impl GuardSettings {
         upstream_name: &str,
         observer: impl Observer,
     ) -> Result<UpstreamGuardLayer, ConfigError> {
-        UpstreamGuardLayer::builder()
+        let mut builder = UpstreamGuardLayer::builder()
             .attempt_timeout(self.attempt_timeout)
             .deadline(self.deadline)
             .retry(retry)
             .circuit_breaker(self.breaker(keys))
             .upstream_name(upstream_name)
-            .observer(observer)
-            .build()
+            .observer(observer);
+        if let Some(after) = self.hedge_after {
+            builder = builder.hedge(HedgePolicy::after(after));
+        }
+        builder.build()
+    }
+
+    /// How replicas of one upstream are guarded each: the same breaker
+    /// settings per replica, and an attempt timeout of their own a hair under
+    /// the guard's, so that a replica that hangs is counted (and ejected)
+    /// before the guard drops its attempt.
+    pub fn replicas<S: Clone>(
+        &self,
+        client: S,
+        upstreams: &[http::uri::Authority],
+    ) -> Result<Endpoints<S>, ConfigError> {
+        let timeout = self
+            .attempt_timeout
+            .saturating_sub(Duration::from_millis(1))
+            .max(Duration::from_millis(1));
+        let urls = upstreams
+            .iter()
+            .map(|authority| format!("http://{authority}"));
+        EndpointsBuilder::default()
+            .breaker(self.breaker(BreakerKeys::PerUpstream))
+            .attempt_timeout(timeout)
+            .build(client, urls)
     }
 }

@@ -51,6 +51,23 @@
 //! port). Run with `--help` for every flag; `RUST_LOG=upstream_guard=debug` logs
 //! the guard's retries, with their request spans, on stderr.
 //!
+//! Replicas and hedging:
+//!
+//! ```text
+//! cargo run --example gateway -- --listen 127.0.0.1:8080 \
+//!     --upstream http://127.0.0.1:3001 --upstream http://127.0.0.1:3002 --hedge-after-ms 50
+//! ```
+//!
+//! `--upstream` given more than once proxies to replicas of one upstream, with
+//! [`Endpoints`](upstream_guard::endpoints::Endpoints) inside the guard: each
+//! replica has its own circuit breaker (the same `--failure-threshold` and
+//! `--open-ms`) and an attempt timeout a hair under the guard's, so one that
+//! refuses or hangs is ejected while the other answers; retries go to a
+//! replica the request has not tried. `--hedge-after-ms N` sends a second
+//! attempt of a GET (or any request safe to resend) that has had no answer for
+//! N ms, paid from the retry budget; the first answer wins. Requests carry the
+//! first replica's name in `Host`.
+//!
 //! `--no-guard` runs the very same proxy without the layer (same client, same
 //! connection settings, same header handling), for side-by-side benchmarks: a
 //! failed upstream call is then the proxy's own plain-text `502`, and nothing
@@ -181,9 +198,9 @@ async fn run() -> ExitCode {
         Mode::Demo => demo::run_demo(&options.guard).await,
         Mode::Proxy {
             listen,
-            upstream,
+            upstreams,
             guarded,
-        } => server::run_proxy(&options.guard, listen, upstream, guarded).await,
+        } => server::run_proxy(&options.guard, listen, upstreams, guarded).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

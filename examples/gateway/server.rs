@@ -42,6 +42,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tower::util::Oneshot;
 use tower::{Layer, Service, ServiceExt};
+use upstream_guard::endpoints::Endpoints;
 use upstream_guard::observe::NoopObserver;
 use upstream_guard::{BoxError, RequestBody, ResponseBody, UpstreamGuard};
 
@@ -59,6 +60,11 @@ pub const UPSTREAM_SWITCH: &str = "x-demo-upstream";
 
 /// The guarded client, as every route's guarded forwarder holds it.
 type GuardedClient = UpstreamGuard<UpstreamClient<RequestBody<Incoming>>>;
+
+/// Replicas of one upstream (`--upstream` more than once), each behind its own
+/// breaker, inside one guard.
+type Replicas = Endpoints<UpstreamClient<RequestBody<Incoming>>>;
+type GuardedReplicas = UpstreamGuard<Replicas>;
 
 /// The one place the upstream client is configured, so that the guarded and
 /// the unguarded proxy connect, pool and speak exactly alike: HTTP/1.1, and
@@ -78,6 +84,8 @@ where
 pub enum Forwarder {
     /// Through the guard; every failure is already a problem+json response.
     Guarded(GuardedClient),
+    /// Through the guard to one of several replicas.
+    Replicas(GuardedReplicas),
     /// Straight to the client (`--no-guard`): a failure is the proxy's own
     /// plain-text `502`.
     Plain(UpstreamClient<Incoming>),
@@ -95,6 +103,24 @@ impl Forwarder {
         Ok(Forwarder::Guarded(layer.layer(upstream_client())))
     }
 
+    /// The guarded forwarder to replicas of one upstream: the guard's breaker
+    /// is the whole upstream's (named after the first replica), and each
+    /// replica has one of its own.
+    pub fn replicas(
+        settings: &GuardSettings,
+        upstreams: &[Authority],
+    ) -> Result<Forwarder, Failure> {
+        let name = upstreams.first().map_or("upstream", Authority::as_str);
+        let layer = settings.layer(
+            settings.retry(),
+            BreakerKeys::PerUpstream,
+            name,
+            NoopObserver,
+        )?;
+        let replicas = settings.replicas(upstream_client(), upstreams)?;
+        Ok(Forwarder::Replicas(layer.layer(replicas)))
+    }
+
     pub fn plain() -> Forwarder {
         Forwarder::Plain(upstream_client())
     }
@@ -102,25 +128,43 @@ impl Forwarder {
     /// Sends `request`; what the returned [`Sending`] resolves to is the answer.
     fn send(&mut self, request: Request<Incoming>) -> Sending {
         match self {
-            Forwarder::Guarded(guard) => {
-                // Called in place, not on a clone: the guard keeps its breaker
-                // key from the last call. The hyper-util client is always
-                // ready, and so the guard is; should that ever change, a clone
-                // waits for readiness instead.
-                let mut cx = Context::from_waker(Waker::noop());
-                match guard.poll_ready(&mut cx) {
-                    Poll::Ready(Ok(())) => Sending::Guarded {
-                        future: guard.call(request),
-                    },
-                    Poll::Pending => Sending::GuardedWhenReady {
-                        future: guard.clone().oneshot(request),
-                    },
-                }
-            }
+            Forwarder::Guarded(guard) => send_guarded(
+                guard,
+                request,
+                |future| Sending::Guarded { future },
+                |future| Sending::GuardedWhenReady { future },
+            ),
+            Forwarder::Replicas(guard) => send_guarded(
+                guard,
+                request,
+                |future| Sending::Replicas { future },
+                |future| Sending::ReplicasWhenReady { future },
+            ),
             Forwarder::Plain(client) => Sending::Plain {
                 future: client.request(request),
             },
         }
+    }
+}
+
+/// Sends through a guard, called in place, not on a clone: the guard keeps its
+/// breaker key from the last call. The hyper-util client is always ready, and
+/// so the guard is; should that ever change, a clone waits for readiness
+/// instead.
+fn send_guarded<S>(
+    guard: &mut UpstreamGuard<S>,
+    request: Request<Incoming>,
+    now: fn(upstream_guard::ResponseFuture<S, Incoming>) -> Sending,
+    when_ready: fn(Oneshot<UpstreamGuard<S>, Request<Incoming>>) -> Sending,
+) -> Sending
+where
+    S: Service<Request<RequestBody<Incoming>>, Response = Response<Incoming>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match guard.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => now(guard.call(request)),
+        Poll::Pending => when_ready(guard.clone().oneshot(request)),
     }
 }
 
@@ -133,6 +177,8 @@ pin_project! {
     enum Sending {
         Guarded { #[pin] future: upstream_guard::ResponseFuture<UpstreamClient<RequestBody<Incoming>>, Incoming> },
         GuardedWhenReady { #[pin] future: Oneshot<GuardedClient, Request<Incoming>> },
+        Replicas { #[pin] future: upstream_guard::ResponseFuture<Replicas, Incoming> },
+        ReplicasWhenReady { #[pin] future: Oneshot<GuardedReplicas, Request<Incoming>> },
         Plain { #[pin] future: client::ResponseFuture },
         Answered { response: Option<Response<GatewayBody>> },
     }
@@ -150,6 +196,12 @@ impl Future for Sending {
                 Ok(response) => response.map(GatewayBody::guarded),
             },
             SendingProj::GuardedWhenReady { future } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => response.map(GatewayBody::guarded),
+            },
+            SendingProj::Replicas { future } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => response.map(GatewayBody::guarded),
+            },
+            SendingProj::ReplicasWhenReady { future } => match std::task::ready!(future.poll(cx)) {
                 Ok(response) => response.map(GatewayBody::guarded),
             },
             SendingProj::Plain { future } => match std::task::ready!(future.poll(cx)) {
@@ -412,19 +464,31 @@ fn serve_connection(
 // Proxy mode
 // ---------------------------------------------------------------------------
 
-/// Serves the proxy in front of `upstream` until Ctrl-C or SIGTERM: guarded by
-/// `settings`, or (`guarded == false`) the same proxy without the guard.
+/// Serves the proxy in front of `upstreams` (one, or replicas of one) until
+/// Ctrl-C or SIGTERM: guarded by `settings`, or (`guarded == false`, one
+/// upstream only) the same proxy without the guard.
 pub async fn run_proxy(
     settings: &GuardSettings,
     listen: SocketAddr,
-    upstream: Authority,
+    upstreams: Vec<Authority>,
     guarded: bool,
 ) -> Result<(), Failure> {
-    let forwarder = match guarded {
-        true => Forwarder::guarded(settings, &upstream)?,
-        false => Forwarder::plain(),
+    let Some(first) = upstreams.first().cloned() else {
+        return Err(Failure::Runtime("no upstream to proxy to".into()));
     };
-    let route = Route::new(upstream, forwarder)?;
+    let forwarder = match (guarded, upstreams.len()) {
+        (true, 1) => Forwarder::guarded(settings, &first)?,
+        (true, _) => Forwarder::replicas(settings, &upstreams)?,
+        (false, 1) => Forwarder::plain(),
+        (false, _) => {
+            return Err(Failure::Runtime(
+                "--no-guard proxies to one --upstream only (replicas need the guard)".into(),
+            ))
+        }
+    };
+    // Requests carry the first replica's name (URI and Host); `Endpoints` puts
+    // in the replica's address for each attempt.
+    let route = Route::new(first, forwarder)?;
     let server = Server::start(listen, Routes::single(route)).await?;
     announce(server.addr).map_err(|e| Failure::runtime("cannot write to stdout", e))?;
     let signal = shutdown_signal().await;
