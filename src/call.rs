@@ -4,7 +4,6 @@
 //! module does them.
 
 use std::error::Error;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +26,7 @@ use crate::clock::{Clock, Times};
 use crate::failure::{FailureKind, GuardFailure};
 use crate::grpc;
 use crate::head::Head;
+use crate::panic;
 use crate::observe::{AttemptOutcome, Outcome, RequestFacts, ResponseEvent};
 use crate::replay::{usable_request_id, Buffered, ReplayBody};
 use crate::report::{upstream_name, Report};
@@ -425,7 +425,10 @@ where
         mut clock: Pin<&mut Clock>,
         cx: &mut Context<'_>,
     ) -> Poll<Attempted<S::Response>> {
-        let polled = self.report.in_attempt(|| future.poll(cx));
+        let polled = match self.report.in_attempt(|| panic::poll(future, cx)) {
+            Ok(polled) => polled,
+            Err(panic) => return Poll::Ready(Attempted::failed(FailureKind::Panic, panic)),
+        };
         Poll::Ready(match polled {
             Poll::Ready(Ok(response)) => match self.upstream_deadline_exceeded(&response) {
                 // The upstream ran out of the grpc-timeout we gave it: our

@@ -202,6 +202,7 @@ mod future;
 pub mod grpc;
 mod head;
 mod layer;
+mod panic;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod observe;
@@ -211,6 +212,8 @@ mod response;
 pub mod retry;
 mod service;
 mod shared;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 mod watch;
 
 pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};

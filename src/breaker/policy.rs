@@ -18,13 +18,82 @@ type KeyFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
 pub(super) enum Keying {
     /// One breaker for every request.
     Single,
+    /// One breaker per upstream, the default: per route the server fixed when
+    /// the guard sits behind a server, per URI authority in front of a client.
+    Upstream,
     /// One breaker per request URI authority; requests without one share a breaker.
     Authority,
     /// One breaker per user-chosen key.
     Custom(Arc<KeyFn>),
 }
 
+/// Where a guard sits, as far as a request can tell. Without the `axum` and
+/// `tonic` features nothing tells: every request is a client's.
+#[cfg_attr(not(any(feature = "axum", feature = "tonic")), allow(dead_code))]
+enum Placement<'a> {
+    /// Behind a server, on a route the server fixed (axum's matched route, a
+    /// tonic service's name): the route's key.
+    Route(&'a str),
+    /// Behind a server, before its routing: the only route facts there are
+    /// the caller's own (`:authority`, path), so none of them is a key.
+    Server,
+    /// In front of a client: the request's URI names its upstream.
+    Client,
+}
+
+impl Placement<'_> {
+    /// Where the guard that sees this request sits. Only request extensions,
+    /// which a server sets and a caller never can, say "server".
+    fn of(parts: &Parts) -> Placement<'_> {
+        #[cfg(feature = "tonic")]
+        if let Some(seen) = crate::tonic::seen_by(parts) {
+            return match seen {
+                crate::tonic::Seen::Client => Placement::Client,
+                crate::tonic::Seen::Service(name) => Placement::Route(name),
+                crate::tonic::Seen::Server => Placement::Server,
+            };
+        }
+        #[cfg(feature = "axum")]
+        if let Some(placement) = axum_placement(parts) {
+            return placement;
+        }
+        let _ = parts; // Read only by the features above.
+        Placement::Client
+    }
+}
+
+/// A request routed by an axum `Router` and not since rewritten for an
+/// upstream: keyed by the route axum matched (a pattern from the route table,
+/// so a bounded set), or the shared breaker when none matched. A handler that
+/// forwards the request to an upstream changes its URI's authority, which
+/// makes it a client request again (its extensions travel with it).
+#[cfg(feature = "axum")]
+fn axum_placement(parts: &Parts) -> Option<Placement<'_>> {
+    let received = parts.extensions.get::<axum::extract::OriginalUri>()?;
+    if received.authority() != parts.uri.authority() {
+        return None;
+    }
+    Some(match parts.extensions.get::<axum::extract::MatchedPath>() {
+        Some(route) => Placement::Route(route.as_str()),
+        None => Placement::Server,
+    })
+}
+
 impl Keying {
+    /// The breaker key of a request; `None` for the shared breaker.
+    pub(super) fn key<'a>(&self, parts: &'a Parts) -> Option<&'a str> {
+        match self {
+            Keying::Single => None,
+            Keying::Upstream => match Placement::of(parts) {
+                Placement::Route(route) => Some(route),
+                Placement::Server => None,
+                Placement::Client => parts.uri.authority().map(|a| a.as_str()),
+            },
+            Keying::Authority => parts.uri.authority().map(|a| a.as_str()),
+            Keying::Custom(f) => f(parts),
+        }
+    }
+
     /// A key function: code only, it cannot be written to or read from a file.
     #[cfg(feature = "serde")]
     fn is_custom(&self) -> bool {
@@ -36,7 +105,9 @@ impl Keying {
 impl PartialEq for Keying {
     fn eq(&self, other: &Keying) -> bool {
         match (self, other) {
-            (Keying::Single, Keying::Single) | (Keying::Authority, Keying::Authority) => true,
+            (Keying::Single, Keying::Single)
+            | (Keying::Upstream, Keying::Upstream)
+            | (Keying::Authority, Keying::Authority) => true,
             (Keying::Custom(a), Keying::Custom(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -47,6 +118,7 @@ impl fmt::Debug for Keying {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Keying::Single => f.write_str("Single"),
+            Keying::Upstream => f.write_str("Upstream"),
             Keying::Authority => f.write_str("Authority"),
             Keying::Custom(_) => f.write_str("Custom(..)"),
         }
@@ -57,7 +129,8 @@ impl fmt::Debug for Keying {
 ///
 /// `BreakerPolicy::default()` trips after 5 consecutive failures, stays open
 /// 5 s (doubling on each repeated trip up to 60 s), lets 1 probe through when
-/// half-open, and keeps one breaker per request authority, at most 1024.
+/// half-open, and keeps one breaker per upstream ([`per_upstream`](Self::per_upstream)),
+/// at most 1024.
 ///
 /// ```
 /// use std::time::Duration;
@@ -78,8 +151,9 @@ impl fmt::Debug for Keying {
 /// `BreakerPolicy::default()` value, and an unknown key is an error. The trip
 /// policies are independent there: `consecutive_failures` stays 5 when a rate
 /// policy is added, unless set to `0`. A [custom key](Self::per_key) is code
-/// only: `keys` is `"authority"` or `"single"`, and a policy with a custom key
-/// is written without `keys`, so that reading it back keys by authority.
+/// only: `keys` is `"upstream"` (the default), `"authority"` or `"single"`, and
+/// a policy with a custom key is written without `keys`, so that reading it
+/// back keys by upstream.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(
     feature = "serde",
@@ -114,7 +188,7 @@ pub struct BreakerPolicy {
     max_open_for: Option<Duration>,
     /// `half_open_probes`.
     half_open_probes: u32,
-    /// `keys`: `"authority"` or `"single"`, or a key function (code only).
+    /// `keys`: `"upstream"`, `"authority"` or `"single"`, or a key function (code only).
     #[cfg_attr(
         feature = "serde",
         serde(with = "keying", skip_serializing_if = "Keying::is_custom")
@@ -139,7 +213,7 @@ impl Default for BreakerPolicy {
             open_for: Duration::from_secs(5),
             max_open_for: None,
             half_open_probes: 1,
-            keys: Keying::Authority,
+            keys: Keying::Upstream,
             max_keys: 1024,
             concurrency_limit: None,
         }
@@ -228,9 +302,31 @@ impl BreakerPolicy {
         self
     }
 
-    /// One breaker per request URI authority (`host:port`), the default. Requests
-    /// without an authority (e.g. behind `axum::Router::layer`, where URIs are
-    /// paths) share one breaker.
+    /// One breaker per upstream, the default. In front of a client (a
+    /// reverse proxy's hyper-util `Client`, a tonic `Channel`) that is one per
+    /// request URI authority (`host:port`); requests without one share a
+    /// breaker. Behind a server it is never a value the caller sends:
+    ///
+    /// - `axum::Router::layer` (feature `axum`): one breaker per route axum
+    ///   matched (`/orders/{id}`); requests no route matched share one.
+    /// - tonic `Server::add_service(GuardedService::new(..))` (feature
+    ///   `tonic`): one breaker per gRPC service.
+    /// - tonic `Server::layer` (feature `tonic`, TCP or Unix socket
+    ///   listeners): one breaker for the server. It sits before routing, where
+    ///   the caller alone names the method and the `:authority`.
+    ///
+    /// Without those features a server placement is keyed like a client: by
+    /// the URI authority, which behind a server is whatever the caller sent
+    /// (HTTP/2's `:authority`). See the crate docs, "Placements".
+    pub fn per_upstream(mut self) -> Self {
+        self.keys = Keying::Upstream;
+        self
+    }
+
+    /// One breaker per request URI authority (`host:port`) wherever the guard
+    /// sits; requests without an authority share one breaker. Behind a server
+    /// the authority is the caller's choice, so prefer
+    /// [`per_upstream`](Self::per_upstream) (the default) there.
     pub fn per_authority(mut self) -> Self {
         self.keys = Keying::Authority;
         self
@@ -404,6 +500,8 @@ mod keying {
     #[derive(Serialize, Deserialize)]
     #[serde(rename_all = "lowercase")]
     enum Named {
+        /// One breaker per upstream: a server's route, or a client's authority.
+        Upstream,
         /// One breaker per request authority.
         Authority,
         /// One breaker for every request.
@@ -412,6 +510,7 @@ mod keying {
 
     pub(super) fn serialize<S: Serializer>(keying: &Keying, s: S) -> Result<S::Ok, S::Error> {
         match keying {
+            Keying::Upstream => Named::Upstream.serialize(s),
             Keying::Authority => Named::Authority.serialize(s),
             Keying::Single => Named::Single.serialize(s),
             // Skipped by `skip_serializing_if`; an error rather than a wrong key.
@@ -423,6 +522,7 @@ mod keying {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Keying, D::Error> {
         Ok(match Named::deserialize(d)? {
+            Named::Upstream => Keying::Upstream,
             Named::Authority => Keying::Authority,
             Named::Single => Keying::Single,
         })
