@@ -202,10 +202,10 @@ mod future;
 pub mod grpc;
 mod head;
 mod layer;
-mod panic;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod observe;
+mod panic;
 mod replay;
 mod report;
 mod response;

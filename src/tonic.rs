@@ -40,11 +40,11 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
 use ::tonic::body::Body;
 use ::tonic::server::NamedService;
 use ::tonic::transport::Channel;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use tower_service::Service;
 
 use crate::body::{RequestBody, ResponseBody};

@@ -18,10 +18,9 @@ type KeyFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
 pub(super) enum Keying {
     /// One breaker for every request.
     Single,
-    /// One breaker per upstream, the default: per route the server fixed when
-    /// the guard sits behind a server, per URI authority in front of a client.
-    Upstream,
-    /// One breaker per request URI authority; requests without one share a breaker.
+    /// One breaker per upstream, the default: per URI authority in front of a
+    /// client (requests without one share a breaker), per route the server
+    /// fixed behind a server, never the authority a caller sent.
     Authority,
     /// One breaker per user-chosen key.
     Custom(Arc<KeyFn>),
@@ -84,12 +83,11 @@ impl Keying {
     pub(super) fn key<'a>(&self, parts: &'a Parts) -> Option<&'a str> {
         match self {
             Keying::Single => None,
-            Keying::Upstream => match Placement::of(parts) {
+            Keying::Authority => match Placement::of(parts) {
                 Placement::Route(route) => Some(route),
                 Placement::Server => None,
                 Placement::Client => parts.uri.authority().map(|a| a.as_str()),
             },
-            Keying::Authority => parts.uri.authority().map(|a| a.as_str()),
             Keying::Custom(f) => f(parts),
         }
     }
@@ -105,9 +103,7 @@ impl Keying {
 impl PartialEq for Keying {
     fn eq(&self, other: &Keying) -> bool {
         match (self, other) {
-            (Keying::Single, Keying::Single)
-            | (Keying::Upstream, Keying::Upstream)
-            | (Keying::Authority, Keying::Authority) => true,
+            (Keying::Single, Keying::Single) | (Keying::Authority, Keying::Authority) => true,
             (Keying::Custom(a), Keying::Custom(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -118,7 +114,6 @@ impl fmt::Debug for Keying {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Keying::Single => f.write_str("Single"),
-            Keying::Upstream => f.write_str("Upstream"),
             Keying::Authority => f.write_str("Authority"),
             Keying::Custom(_) => f.write_str("Custom(..)"),
         }
@@ -129,8 +124,8 @@ impl fmt::Debug for Keying {
 ///
 /// `BreakerPolicy::default()` trips after 5 consecutive failures, stays open
 /// 5 s (doubling on each repeated trip up to 60 s), lets 1 probe through when
-/// half-open, and keeps one breaker per upstream ([`per_upstream`](Self::per_upstream)),
-/// at most 1024.
+/// half-open, and keeps one breaker per upstream
+/// ([`per_authority`](Self::per_authority)), at most 1024.
 ///
 /// ```
 /// use std::time::Duration;
@@ -151,9 +146,8 @@ impl fmt::Debug for Keying {
 /// `BreakerPolicy::default()` value, and an unknown key is an error. The trip
 /// policies are independent there: `consecutive_failures` stays 5 when a rate
 /// policy is added, unless set to `0`. A [custom key](Self::per_key) is code
-/// only: `keys` is `"upstream"` (the default), `"authority"` or `"single"`, and
-/// a policy with a custom key is written without `keys`, so that reading it
-/// back keys by upstream.
+/// only: `keys` is `"authority"` or `"single"`, and a policy with a custom key
+/// is written without `keys`, so that reading it back keys by authority.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(
     feature = "serde",
@@ -188,7 +182,7 @@ pub struct BreakerPolicy {
     max_open_for: Option<Duration>,
     /// `half_open_probes`.
     half_open_probes: u32,
-    /// `keys`: `"upstream"`, `"authority"` or `"single"`, or a key function (code only).
+    /// `keys`: `"authority"` or `"single"`, or a key function (code only).
     #[cfg_attr(
         feature = "serde",
         serde(with = "keying", skip_serializing_if = "Keying::is_custom")
@@ -213,7 +207,7 @@ impl Default for BreakerPolicy {
             open_for: Duration::from_secs(5),
             max_open_for: None,
             half_open_probes: 1,
-            keys: Keying::Upstream,
+            keys: Keying::Authority,
             max_keys: 1024,
             concurrency_limit: None,
         }
@@ -305,7 +299,9 @@ impl BreakerPolicy {
     /// One breaker per upstream, the default. In front of a client (a
     /// reverse proxy's hyper-util `Client`, a tonic `Channel`) that is one per
     /// request URI authority (`host:port`); requests without one share a
-    /// breaker. Behind a server it is never a value the caller sends:
+    /// breaker. Behind a server the authority is the caller's (HTTP/2's
+    /// `:authority`, an absolute-form HTTP/1 target), so it is never the key
+    /// there:
     ///
     /// - `axum::Router::layer` (feature `axum`): one breaker per route axum
     ///   matched (`/orders/{id}`); requests no route matched share one.
@@ -315,18 +311,9 @@ impl BreakerPolicy {
     ///   listeners): one breaker for the server. It sits before routing, where
     ///   the caller alone names the method and the `:authority`.
     ///
-    /// Without those features a server placement is keyed like a client: by
-    /// the URI authority, which behind a server is whatever the caller sent
-    /// (HTTP/2's `:authority`). See the crate docs, "Placements".
-    pub fn per_upstream(mut self) -> Self {
-        self.keys = Keying::Upstream;
-        self
-    }
-
-    /// One breaker per request URI authority (`host:port`) wherever the guard
-    /// sits; requests without an authority share one breaker. Behind a server
-    /// the authority is the caller's choice, so prefer
-    /// [`per_upstream`](Self::per_upstream) (the default) there.
+    /// The guard knows it sits behind a server from request extensions that
+    /// only the server sets; without those features it cannot tell, and keys
+    /// every request by its URI authority. See the crate docs, "Placements".
     pub fn per_authority(mut self) -> Self {
         self.keys = Keying::Authority;
         self
@@ -500,9 +487,7 @@ mod keying {
     #[derive(Serialize, Deserialize)]
     #[serde(rename_all = "lowercase")]
     enum Named {
-        /// One breaker per upstream: a server's route, or a client's authority.
-        Upstream,
-        /// One breaker per request authority.
+        /// One breaker per upstream: a client's request authority, a server's route.
         Authority,
         /// One breaker for every request.
         Single,
@@ -510,7 +495,6 @@ mod keying {
 
     pub(super) fn serialize<S: Serializer>(keying: &Keying, s: S) -> Result<S::Ok, S::Error> {
         match keying {
-            Keying::Upstream => Named::Upstream.serialize(s),
             Keying::Authority => Named::Authority.serialize(s),
             Keying::Single => Named::Single.serialize(s),
             // Skipped by `skip_serializing_if`; an error rather than a wrong key.
@@ -522,7 +506,6 @@ mod keying {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Keying, D::Error> {
         Ok(match Named::deserialize(d)? {
-            Named::Upstream => Keying::Upstream,
             Named::Authority => Keying::Authority,
             Named::Single => Keying::Single,
         })
