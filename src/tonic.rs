@@ -270,3 +270,37 @@ fn received_by_a_tonic_server(extensions: &http::Extensions) -> bool {
     }
     extensions.get::<TcpConnectInfo>().is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use ::tonic::transport::server::TcpConnectInfo;
+
+    use super::*;
+
+    fn received_by_a_tonic_server() -> http::request::Parts {
+        let (mut parts, ()) = Request::post("http://caller-chosen.example/pkg.Svc/Do")
+            .body(())
+            .expect("a valid request")
+            .into_parts();
+        parts.extensions.insert(TcpConnectInfo {
+            local_addr: None,
+            remote_addr: None,
+        });
+        parts
+    }
+
+    #[test]
+    fn a_request_a_tonic_server_received_is_seen_as_a_server_request() {
+        let parts = received_by_a_tonic_server();
+        assert!(matches!(seen_by(&parts), Some(Seen::Server)));
+    }
+
+    #[test]
+    fn a_stub_call_that_carries_a_server_requests_extensions_is_a_client_request() {
+        // A handler may pass its request on to a client stub, extensions and
+        // all; the stub adds the method it calls.
+        let mut parts = received_by_a_tonic_server();
+        (parts.extensions).insert(::tonic::GrpcMethod::new("pkg.Other", "Call"));
+        assert!(matches!(seen_by(&parts), Some(Seen::Client)));
+    }
+}

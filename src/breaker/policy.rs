@@ -511,3 +511,35 @@ mod keying {
         })
     }
 }
+
+#[cfg(all(test, feature = "axum"))]
+mod tests {
+    use super::*;
+
+    /// A request as an axum `Router` passes it on, after it received `received`.
+    fn routed(received: &str, uri: &str) -> Parts {
+        let (mut parts, ()) = http::Request::get(uri)
+            .body(())
+            .expect("a valid request")
+            .into_parts();
+        let received = received.parse().expect("a valid URI");
+        (parts.extensions).insert(axum::extract::OriginalUri(received));
+        parts
+    }
+
+    #[test]
+    fn a_routed_request_is_not_keyed_by_the_authority_its_caller_sent() {
+        let parts = routed(
+            "http://elsewhere.example/fail",
+            "http://elsewhere.example/fail",
+        );
+        assert_eq!(Keying::Authority.key(&parts), None);
+    }
+
+    #[test]
+    fn a_routed_request_forwarded_to_an_upstream_is_keyed_by_the_upstream() {
+        // A reverse proxy's handler rewrites the URI and keeps the extensions.
+        let parts = routed("/api/orders", "http://orders.internal:8080/orders");
+        assert_eq!(Keying::Authority.key(&parts), Some("orders.internal:8080"));
+    }
+}
