@@ -16,31 +16,33 @@
 //!   gets `OK`.
 //!
 //! ```sh
-//! cargo run --example tonic_client
+//! cargo run --features tonic --example tonic_client
 //! ```
 //!
 //! ## The wiring
 //!
-//! The guard hands its inner service a [`RequestBody<B>`] (the caller's body, or a
-//! buffered copy for a retry); a `Channel` takes only `tonic::body::Body`, so one
-//! `map_request` adapts it:
+//! The `tonic` feature's [`GuardedChannel`] is a `Channel` behind the guard,
+//! with a name a struct field or a function's return type can use:
 //!
 //! ```ignore
-//! let guarded = ServiceBuilder::new()
-//!     .layer(guard)
-//!     .map_request(|r: http::Request<RequestBody<Body>>| r.map(Body::new))
-//!     .service(channel);
-//! let client = HealthClient::with_origin(guarded, "http://127.0.0.1:50051".parse()?);
+//! fn health_client(guard: &UpstreamGuardLayer) -> Result<HealthClient<GuardedChannel>, BoxError> {
+//!     let origin: http::Uri = "http://127.0.0.1:50051".parse()?;
+//!     let channel = Endpoint::from(origin.clone()).connect_lazy();
+//!     let guarded = GuardedChannel::new(guard, channel, origin.clone())?;
+//!     Ok(HealthClient::with_origin(guarded, origin))
+//! }
 //! ```
 //!
-//! `with_origin` rather than `new`: a tonic client built with `new` sends requests
-//! whose URI is only a path, so the guard cannot key its circuit breaker by
-//! upstream (every channel behind one guard would share one breaker) nor name the
-//! upstream in its failures.
+//! It asks for the server's origin because the origin keys the circuit breaker
+//! (one per server: a dead one never opens another's) and names the upstream
+//! in failures; it puts it on every request, so a stub built with `new` is
+//! keyed right too.
 //!
 //! That wiring (`guarded_client`) and the gRPC servers with injected faults live
 //! in `tests/support/grpc.rs`, which this example shares with
 //! `tests/tonic_client.rs`.
+//!
+//! [`GuardedChannel`]: upstream_guard::tonic::GuardedChannel
 //!
 //! ## Three things to know for gRPC
 //!

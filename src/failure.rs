@@ -51,6 +51,13 @@ pub enum FailureKind {
     /// arriving when the attempt's time ran out. Answered with `408 Request
     /// Timeout` (as Envoy does); never counted against the upstream.
     RequestBodyTimeout,
+    /// The inner service panicked while its response future was polled (an
+    /// axum or tonic handler, in a server placement). Answered with `500
+    /// Internal Server Error`, as tower-http's `CatchPanic` does; it counts
+    /// against the breaker and the default [`Classify`](crate::Classify) never
+    /// retries it: the handler may have done part of its work, and would most
+    /// likely panic again.
+    Panic,
 }
 
 impl FailureKind {
@@ -68,6 +75,7 @@ impl FailureKind {
             }
             FailureKind::RequestBody => StatusCode::BAD_REQUEST,
             FailureKind::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            FailureKind::Panic => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -84,6 +92,7 @@ impl FailureKind {
             FailureKind::ConcurrencyLimited => "concurrency_limited",
             FailureKind::RequestBody => "request_body",
             FailureKind::RequestBodyTimeout => "request_body_timeout",
+            FailureKind::Panic => "panic",
         }
     }
 
@@ -100,6 +109,7 @@ impl FailureKind {
             FailureKind::ConcurrencyLimited => "urn:upstream-guard:problem:concurrency-limited",
             FailureKind::RequestBody => "urn:upstream-guard:problem:request-body",
             FailureKind::RequestBodyTimeout => "urn:upstream-guard:problem:request-body-timeout",
+            FailureKind::Panic => "urn:upstream-guard:problem:panic",
         }
     }
 
@@ -116,18 +126,19 @@ impl FailureKind {
             FailureKind::ConcurrencyLimited => "too many requests to the upstream are in flight",
             FailureKind::RequestBody => "the request body could not be read",
             FailureKind::RequestBodyTimeout => "the request body did not arrive in time",
+            FailureKind::Panic => "the service failed while handling the request",
         }
     }
 
     /// The gRPC status code used for gRPC requests: `UNAVAILABLE` (14) for 502/503,
     /// `DEADLINE_EXCEEDED` (4) for 504 and for a request body that did not arrive
-    /// in time, `INTERNAL` (13) for a broken request body.
+    /// in time, `INTERNAL` (13) for a broken request body and a panic.
     pub const fn grpc_code(self) -> u8 {
         match self {
             FailureKind::AttemptTimeout
             | FailureKind::DeadlineExceeded
             | FailureKind::RequestBodyTimeout => 4,
-            FailureKind::RequestBody => 13,
+            FailureKind::RequestBody | FailureKind::Panic => 13,
             _ => 14,
         }
     }

@@ -56,21 +56,84 @@
 //!  reverse proxy           client ──▶ axum/hyper server ──▶ [ guard ] ──▶ hyper-util Client ──▶ upstream
 //!                                                           per-host breakers (authority key)
 //!
-//!  gRPC client             tonic stub ──▶ [ guard ] ──▶ map_request(Body::new) ──▶ Channel ──▶ server
-//!                                         grpc-status 14/4, grpc-timeout propagated
+//!  gRPC client             tonic stub ──▶ [ GuardedChannel ] ──▶ server
+//!  (feature tonic)                        grpc-status 14/4, grpc-timeout propagated
+//!
+//!  gRPC server             client ──▶ tonic Server ──▶ [ GuardedService ] ──▶ generated service
+//!  (feature tonic)                                     per-service breakers (or Server::layer)
 //! ```
 //!
 //! The inner service receives [`RequestBody<B>`]: the caller's body, or a buffered
 //! copy when the request may be retried. axum's routes and hyper-util's
-//! `Client<_, RequestBody<B>>` take it as it is; tonic's `Channel` needs
-//! `.map_request(|r: Request<RequestBody<tonic::body::Body>>| r.map(tonic::body::Body::new))`.
-//! Build tonic stubs with `with_origin(guarded, uri)` rather than `new`, so
-//! requests carry the server's authority: it keys the circuit breaker and names
-//! the upstream in errors.
+//! `Client<_, RequestBody<B>>` take it as it is; for tonic's `Channel`, the
+//! `tonic` feature's [`GuardedChannel`](crate::tonic) adapts the body and
+//! stamps the server's origin on every request (it keys the circuit breaker
+//! and names the upstream in errors).
 //!
 //! Every clone of a layer, and every service it makes, shares one state (breakers,
 //! retry budget, observer): axum calls `Layer::layer` once per route and clones
 //! services per request, and the breaker still sees every failure.
+//!
+//! # Placements
+//!
+//! In front of a client, the default breaker key is the request URI's
+//! authority: one breaker per upstream host. Behind a server the inner service
+//! is a handler, and the URI's authority is the caller's to choose (HTTP/2's
+//! `:authority`, an absolute-form HTTP/1 target) or absent. A key the caller
+//! chooses is a breaker the caller can dodge (name another host, get a closed
+//! breaker) or flood (one key per request), so the default keying
+//! ([`BreakerPolicy::per_authority`]) never uses it there and keys by what the
+//! server fixed instead:
+//!
+//! - `axum::Router::layer(guard)`, feature `axum`: one breaker per route axum
+//!   matched (its pattern, `/orders/{id}`, not the path sent); requests no
+//!   route matched share one. Five failures on one route leave the others,
+//!   health checks included, answering.
+//! - tonic `Server::builder().add_service(GuardedService::new(&guard, svc))`,
+//!   feature `tonic`: one breaker per gRPC service.
+//! - tonic `Server::builder().layer(guard)`, feature `tonic`: one breaker for
+//!   the whole server, which a caller's `:authority` cannot get past. The layer
+//!   runs before routing, where only the caller names the method.
+//!
+//! The guard tells a server placement from request extensions only the server
+//! sets (axum's `MatchedPath` and `OriginalUri`, tonic's TCP or Unix socket
+//! connection info); without the feature, or behind a TLS tonic listener, it
+//! cannot, and keys by the URI authority. A handler that forwards the request
+//! to an upstream through a guarded client is a client placement again (its
+//! URI now names the upstream), as is every request a tonic stub makes.
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use upstream_guard::{BreakerPolicy, UpstreamGuardLayer};
+//!
+//! // With the `axum` feature: `/orders/{id}` and `/health` have a breaker each.
+//! let guard = UpstreamGuardLayer::builder()
+//!     .circuit_breaker(BreakerPolicy::consecutive_failures(5))
+//!     .upstream_name("orders-service") // else errors name the caller's authority
+//!     .build()?;
+//! let app: Router = Router::new()
+//!     .route("/orders/{id}", get(|| async { "{}" }))
+//!     .route("/health", get(|| async { "ok" }))
+//!     .layer(guard);
+//! # Ok::<(), upstream_guard::ConfigError>(())
+//! ```
+//!
+//! Behind a server, the guard's work is the handler's:
+//!
+//! - **A retry runs the handler again**, with the replayed body, when it
+//!   answered a retryable failure or ran out of its attempt timeout (its
+//!   future is dropped mid-work), for safe methods and requests with an
+//!   `Idempotency-Key` only.
+//! - **A gRPC handler sees the guard's per-attempt `grpc-timeout`** in its
+//!   metadata even when the caller sent none: what the attempt may still take.
+//! - **A panicking handler is answered** like tower-http's `CatchPanic` does:
+//!   `500` problem+json of type `urn:upstream-guard:problem:panic`, or
+//!   `grpc-status` 13 (`INTERNAL`) for gRPC, rather than a reset stream
+//!   ([`FailureKind::Panic`]). It counts against the breaker and the default
+//!   classifier does not retry it. It is caught while the inner service's
+//!   future is polled, where axum and tonic handlers run; a panic in
+//!   `Service::call` itself or in a streaming response body, or under
+//!   `panic = "abort"`, is not.
 //!
 //! # What the caller gets
 //!
@@ -85,6 +148,7 @@
 //! | concurrency cap reached | 503 | `urn:upstream-guard:problem:concurrency-limited` |
 //! | the caller's own request body failed | 400 | `urn:upstream-guard:problem:request-body` |
 //! | the caller's request body did not arrive in time | 408 | `urn:upstream-guard:problem:request-body-timeout` |
+//! | the handler behind the guard panicked | 500 | `urn:upstream-guard:problem:panic` |
 //! | upstream answered 5xx, retries spent | the upstream's own response | — |
 //!
 //! Every synthesized response has `Cache-Control: no-store`, a correct
@@ -92,7 +156,8 @@
 //! The inner error's text is left out unless
 //! [`expose_error_details`](Builder::expose_error_details) is on. gRPC requests
 //! (`POST` with `content-type: application/grpc*`) get HTTP 200 with `grpc-status` 14
-//! (`UNAVAILABLE`) for 502/503 or 4 (`DEADLINE_EXCEEDED`) for 504 and 408.
+//! (`UNAVAILABLE`) for 502/503, 4 (`DEADLINE_EXCEEDED`) for 504 and 408, or 13
+//! (`INTERNAL`) for 400 and 500.
 //! [`map_failure_response`](Builder::map_failure_response) can change or replace
 //! any synthesized response; `Content-Length` and the `HEAD` rule are applied
 //! after it.
@@ -175,6 +240,11 @@
 //! - `metrics`: [`MetricsObserver`], which records requests, attempts, retries,
 //!   rejections and circuit states through the `metrics` facade, with bounded
 //!   labels (see its module docs for every metric).
+//! - `axum`: key a guard placed with `axum::Router::layer` by the route axum
+//!   matched (see [Placements](#placements)).
+//! - `tonic`: [`tonic::GuardedChannel`], a nameable guarded tonic `Channel`;
+//!   [`tonic::GuardedService`] for `Server::add_service`; and a guard placed
+//!   with tonic's `Server::layer` that ignores the caller's `:authority`.
 //! - `serde`: [`GuardConfig`], a layer's whole configuration from a config file
 //!   (TOML, YAML, JSON...), with durations written like `"800ms"`; `Deserialize`
 //!   and `Serialize` for [`RetryPolicy`] and [`BreakerPolicy`], `Serialize` for
@@ -207,12 +277,15 @@ mod layer;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod observe;
+mod panic;
 mod replay;
 mod report;
 mod response;
 pub mod retry;
 mod service;
 mod shared;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 mod watch;
 
 pub use body::{BodyIdleTimeout, RequestBody, ResponseBody};

@@ -103,11 +103,7 @@ impl Breakers {
         let Some(keyed) = &self.keyed else {
             return Target::Default;
         };
-        let key = match &self.keying {
-            Keying::Single => None,
-            Keying::Authority => parts.uri.authority().map(|a| a.as_str()),
-            Keying::Custom(f) => f(parts),
-        };
+        let key = self.keying.key(parts);
         key.and_then(|k| keyed.target(k)).unwrap_or(Target::Default)
     }
 

@@ -18,13 +18,80 @@ type KeyFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
 pub(super) enum Keying {
     /// One breaker for every request.
     Single,
-    /// One breaker per request URI authority; requests without one share a breaker.
+    /// One breaker per upstream, the default: per URI authority in front of a
+    /// client (requests without one share a breaker), per route the server
+    /// fixed behind a server, never the authority a caller sent.
     Authority,
     /// One breaker per user-chosen key.
     Custom(Arc<KeyFn>),
 }
 
+/// Where a guard sits, as far as a request can tell. Without the `axum` and
+/// `tonic` features nothing tells: every request is a client's.
+#[cfg_attr(not(any(feature = "axum", feature = "tonic")), allow(dead_code))]
+enum Placement<'a> {
+    /// Behind a server, on a route the server fixed (axum's matched route, a
+    /// tonic service's name): the route's key.
+    Route(&'a str),
+    /// Behind a server, before its routing: the only route facts there are
+    /// the caller's own (`:authority`, path), so none of them is a key.
+    Server,
+    /// In front of a client: the request's URI names its upstream.
+    Client,
+}
+
+impl Placement<'_> {
+    /// Where the guard that sees this request sits. Only request extensions,
+    /// which a server sets and a caller never can, say "server".
+    fn of(parts: &Parts) -> Placement<'_> {
+        #[cfg(feature = "tonic")]
+        if let Some(seen) = crate::tonic::seen_by(parts) {
+            return match seen {
+                crate::tonic::Seen::Client => Placement::Client,
+                crate::tonic::Seen::Service(name) => Placement::Route(name),
+                crate::tonic::Seen::Server => Placement::Server,
+            };
+        }
+        #[cfg(feature = "axum")]
+        if let Some(placement) = axum_placement(parts) {
+            return placement;
+        }
+        let _ = parts; // Read only by the features above.
+        Placement::Client
+    }
+}
+
+/// A request routed by an axum `Router` and not since rewritten for an
+/// upstream: keyed by the route axum matched (a pattern from the route table,
+/// so a bounded set), or the shared breaker when none matched. A handler that
+/// forwards the request to an upstream changes its URI's authority, which
+/// makes it a client request again (its extensions travel with it).
+#[cfg(feature = "axum")]
+fn axum_placement(parts: &Parts) -> Option<Placement<'_>> {
+    let received = parts.extensions.get::<axum::extract::OriginalUri>()?;
+    if received.authority() != parts.uri.authority() {
+        return None;
+    }
+    Some(match parts.extensions.get::<axum::extract::MatchedPath>() {
+        Some(route) => Placement::Route(route.as_str()),
+        None => Placement::Server,
+    })
+}
+
 impl Keying {
+    /// The breaker key of a request; `None` for the shared breaker.
+    pub(super) fn key<'a>(&self, parts: &'a Parts) -> Option<&'a str> {
+        match self {
+            Keying::Single => None,
+            Keying::Authority => match Placement::of(parts) {
+                Placement::Route(route) => Some(route),
+                Placement::Server => None,
+                Placement::Client => parts.uri.authority().map(|a| a.as_str()),
+            },
+            Keying::Custom(f) => f(parts),
+        }
+    }
+
     /// A key function: code only, it cannot be written to or read from a file.
     #[cfg(feature = "serde")]
     fn is_custom(&self) -> bool {
@@ -57,7 +124,8 @@ impl fmt::Debug for Keying {
 ///
 /// `BreakerPolicy::default()` trips after 5 consecutive failures, stays open
 /// 5 s (doubling on each repeated trip up to 60 s), lets 1 probe through when
-/// half-open, and keeps one breaker per request authority, at most 1024.
+/// half-open, and keeps one breaker per upstream
+/// ([`per_authority`](Self::per_authority)), at most 1024.
 ///
 /// ```
 /// use std::time::Duration;
@@ -228,9 +296,24 @@ impl BreakerPolicy {
         self
     }
 
-    /// One breaker per request URI authority (`host:port`), the default. Requests
-    /// without an authority (e.g. behind `axum::Router::layer`, where URIs are
-    /// paths) share one breaker.
+    /// One breaker per upstream, the default. In front of a client (a
+    /// reverse proxy's hyper-util `Client`, a tonic `Channel`) that is one per
+    /// request URI authority (`host:port`); requests without one share a
+    /// breaker. Behind a server the authority is the caller's (HTTP/2's
+    /// `:authority`, an absolute-form HTTP/1 target), so it is never the key
+    /// there:
+    ///
+    /// - `axum::Router::layer` (feature `axum`): one breaker per route axum
+    ///   matched (`/orders/{id}`); requests no route matched share one.
+    /// - tonic `Server::add_service(GuardedService::new(..))` (feature
+    ///   `tonic`): one breaker per gRPC service.
+    /// - tonic `Server::layer` (feature `tonic`, TCP or Unix socket
+    ///   listeners): one breaker for the server. It sits before routing, where
+    ///   the caller alone names the method and the `:authority`.
+    ///
+    /// The guard knows it sits behind a server from request extensions that
+    /// only the server sets; without those features it cannot tell, and keys
+    /// every request by its URI authority. See the crate docs, "Placements".
     pub fn per_authority(mut self) -> Self {
         self.keys = Keying::Authority;
         self
@@ -404,7 +487,7 @@ mod keying {
     #[derive(Serialize, Deserialize)]
     #[serde(rename_all = "lowercase")]
     enum Named {
-        /// One breaker per request authority.
+        /// One breaker per upstream: a client's request authority, a server's route.
         Authority,
         /// One breaker for every request.
         Single,
@@ -426,5 +509,37 @@ mod keying {
             Named::Authority => Keying::Authority,
             Named::Single => Keying::Single,
         })
+    }
+}
+
+#[cfg(all(test, feature = "axum"))]
+mod tests {
+    use super::*;
+
+    /// A request as an axum `Router` passes it on, after it received `received`.
+    fn routed(received: &str, uri: &str) -> Parts {
+        let (mut parts, ()) = http::Request::get(uri)
+            .body(())
+            .expect("a valid request")
+            .into_parts();
+        let received = received.parse().expect("a valid URI");
+        (parts.extensions).insert(axum::extract::OriginalUri(received));
+        parts
+    }
+
+    #[test]
+    fn a_routed_request_is_not_keyed_by_the_authority_its_caller_sent() {
+        let parts = routed(
+            "http://elsewhere.example/fail",
+            "http://elsewhere.example/fail",
+        );
+        assert_eq!(Keying::Authority.key(&parts), None);
+    }
+
+    #[test]
+    fn a_routed_request_forwarded_to_an_upstream_is_keyed_by_the_upstream() {
+        // A reverse proxy's handler rewrites the URI and keeps the extensions.
+        let parts = routed("/api/orders", "http://orders.internal:8080/orders");
+        assert_eq!(Keying::Authority.key(&parts), Some("orders.internal:8080"));
     }
 }

@@ -13,7 +13,6 @@
 //! - when the last attempt out fails, the round is over and the request goes
 //!   on as after any failed attempt: retry or answer.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use crate::clock::{Clock, Times};
 use crate::failure::FailureKind;
 use crate::hedge::{decide, Flight, HedgeDecision, InFlight};
 use crate::observe::{AttemptOutcome, HedgeOutcome};
+use crate::panic;
 use crate::report::Report;
 use crate::BoxError;
 
@@ -132,13 +132,13 @@ where
     ) -> Poll<Attempted<S::Response>> {
         loop {
             if let Some(future) = first.as_mut().as_pin_mut() {
-                let polled = self.report.in_attempt(|| future.poll(cx));
+                let polled = match self.report.in_attempt(|| panic::poll(future, cx)) {
+                    Ok(polled) => polled.map(Ok),
+                    Err(panic) => Poll::Ready(Err(panic)),
+                };
                 if let Poll::Ready(result) = polled {
                     first.set(None);
-                    let attempted = match result {
-                        Ok(response) => self.judge_response(response, self.grpc_timeout_kind),
-                        Err(error) => self.judge_error(error.into(), None),
-                    };
+                    let attempted = self.judge(result, self.grpc_timeout_kind);
                     let started = clock.as_mut().times().attempt_started();
                     let number = self.first_number();
                     let ended = Ended {
@@ -154,10 +154,7 @@ where
             }
             let polled = flight.poll_next(cx, |hedge, cx| hedge.poll(cx));
             if let Poll::Ready((hedge, result)) = polled {
-                let attempted = match result {
-                    Ok(response) => self.judge_response(response, hedge.grpc_timeout_kind),
-                    Err(error) => self.judge_error(error.into(), None),
-                };
+                let attempted = self.judge(result, hedge.grpc_timeout_kind);
                 let others = flight.len() + usize::from(first.is_some());
                 match self.settle(attempted, Ended::of(hedge), others, clock.as_mut()) {
                     Some(attempted) => return Poll::Ready(attempted),
@@ -188,6 +185,20 @@ where
             if clock.as_mut().poll_at(wake, cx).is_pending() {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// How an attempt of a hedged round went: its answer, its error, or a
+    /// panic caught while it was polled.
+    fn judge(
+        &self,
+        result: Result<Result<S::Response, S::Error>, BoxError>,
+        grpc_timeout_kind: FailureKind,
+    ) -> Attempted<S::Response> {
+        match result {
+            Ok(Ok(response)) => self.judge_response(response, grpc_timeout_kind),
+            Ok(Err(error)) => self.judge_error(error.into(), None),
+            Err(panic) => Attempted::failed(FailureKind::Panic, panic),
         }
     }
 

@@ -7,7 +7,6 @@
 mod hedged;
 
 use std::error::Error;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,6 +30,7 @@ use crate::failure::{FailureKind, GuardFailure};
 use crate::grpc;
 use crate::head::Head;
 use crate::observe::{AttemptOutcome, Outcome, RequestFacts, ResponseEvent};
+use crate::panic;
 use crate::replay::{usable_request_id, Buffered, ReplayBody};
 use crate::report::{upstream_name, Report};
 use crate::response::{synthesize, Flavor};
@@ -454,7 +454,10 @@ where
         mut clock: Pin<&mut Clock>,
         cx: &mut Context<'_>,
     ) -> Poll<Attempted<S::Response>> {
-        let polled = self.report.in_attempt(|| future.poll(cx));
+        let polled = match self.report.in_attempt(|| panic::poll(future, cx)) {
+            Ok(polled) => polled,
+            Err(panic) => return Poll::Ready(Attempted::failed(FailureKind::Panic, panic)),
+        };
         Poll::Ready(match polled {
             Poll::Ready(Ok(response)) => self.judge_response(response, self.grpc_timeout_kind),
             Poll::Ready(Err(error)) => {

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tracing::Span;
 
 use crate::failure::FailureKind;
+use crate::BoxError;
 
 /// A hedge in flight.
 pub(crate) struct InFlight<F> {
@@ -27,13 +28,18 @@ pub(crate) struct InFlight<F> {
 }
 
 impl<F: Future> InFlight<F> {
-    /// Polls the attempt inside its span.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+    /// Polls the attempt inside its span; a panic in it is caught (see
+    /// [`crate::panic`]) and comes back as the error.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<F::Output, BoxError>> {
         let future = self.future.as_mut();
-        if self.span.is_disabled() {
-            future.poll(cx)
+        let polled = if self.span.is_disabled() {
+            crate::panic::poll(future, cx)
         } else {
-            self.span.in_scope(|| future.poll(cx))
+            self.span.in_scope(|| crate::panic::poll(future, cx))
+        };
+        match polled {
+            Ok(polled) => polled.map(Ok),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }

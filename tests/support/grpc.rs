@@ -1,11 +1,12 @@
 //! gRPC scaffolding shared by `tests/tonic_client.rs` and
-//! `examples/tonic_client.rs`: a tonic `Channel` behind the guard, and
+//! `examples/tonic_client.rs`: a tonic `Channel` behind the guard (the `tonic`
+//! feature's `GuardedChannel`), and
 //! `grpc.health.v1.Health` servers (from `tonic-health`) on 127.0.0.1 with
 //! injected faults (a delay, trailers-only `UNAVAILABLE` answers) that record the
 //! `grpc-timeout` each call carries.
 //!
-//! Self-contained (dev-dependencies only) so that the example can include it with
-//! `#[path]`. It is deliberately not declared in `support/mod.rs`, so that only
+//! Self-contained (dev-dependencies and the `tonic` feature only) so that the
+//! example can include it with `#[path]`. It is deliberately not declared in `support/mod.rs`, so that only
 //! the tonic test compiles tonic code: the users include it themselves.
 #![allow(dead_code)]
 
@@ -38,19 +39,13 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower::layer::layer_fn;
-use tower::util::MapRequest;
 use tower::{Service, ServiceBuilder};
-use upstream_guard::{RequestBody, UpstreamGuard, UpstreamGuardLayer};
+pub use upstream_guard::tonic::GuardedChannel;
+use upstream_guard::UpstreamGuardLayer;
 
 // ---------------------------------------------------------------------------
 // The guarded client
 // ---------------------------------------------------------------------------
-
-/// The adapter from the guard's request body to the body a `Channel` takes.
-pub type TonicAdapter = fn(http::Request<RequestBody<Body>>) -> http::Request<Body>;
-
-/// A tonic `Channel` behind the guard.
-pub type GuardedChannel = UpstreamGuard<MapRequest<Channel, TonicAdapter>>;
 
 /// A health client whose channel to `addr` is behind the guard. The channel
 /// connects lazily, so a server that is down fails the call, not this function.
@@ -59,14 +54,10 @@ pub fn guarded_client(
     guard: &UpstreamGuardLayer,
 ) -> HealthClient<GuardedChannel> {
     let origin: Uri = format!("http://{addr}").parse().expect("a valid URI");
-    let channel = Endpoint::from(origin.clone()).connect_lazy();
-    let adapter: TonicAdapter = |request| request.map(Body::new);
-    let guarded = ServiceBuilder::new()
-        .layer(guard.clone())
-        .map_request(adapter)
-        .service(channel);
-    // `with_origin`, not `new`: requests then carry the server's authority, which
-    // keys the guard's per-upstream circuit breaker and names the upstream.
+    let channel: Channel = Endpoint::from(origin.clone()).connect_lazy();
+    // The origin keys the guard's per-upstream circuit breaker and names the
+    // upstream in its failures.
+    let guarded = GuardedChannel::new(guard, channel, origin.clone()).expect("an absolute origin");
     HealthClient::with_origin(guarded, origin)
 }
 
