@@ -9,8 +9,10 @@
 //!   configured policy can trip the breaker. What counts as a failure comes from
 //!   the [`Classify`](crate::Classify) implementation: by default transport errors,
 //!   timeouts and 5xx.
-//! - **Per key**: one breaker per request authority (`host:port`) by default, or
-//!   per a key of your choosing, in a registry bounded by
+//! - **Per key**: one breaker per upstream by default — per request authority
+//!   (`host:port`) in front of a client, per matched route or gRPC service
+//!   behind a server (see the crate docs, "Placements") — or per a key of your
+//!   choosing, in a registry bounded by
 //!   [`max_keys`](BreakerPolicy::max_keys). Requests without a key share one
 //!   breaker.
 //! - **Concurrency cap** ([`concurrency_limit`](BreakerPolicy::concurrency_limit)):

@@ -818,6 +818,7 @@ pub fn documented_problem_type(kind: FailureKind) -> &'static str {
         FailureKind::ConcurrencyLimited => "urn:upstream-guard:problem:concurrency-limited",
         FailureKind::RequestBody => "urn:upstream-guard:problem:request-body",
         FailureKind::RequestBodyTimeout => "urn:upstream-guard:problem:request-body-timeout",
+        FailureKind::Panic => "urn:upstream-guard:problem:panic",
         _ => "unknown",
     }
 }
@@ -830,6 +831,7 @@ pub fn documented_status(kind: FailureKind) -> u16 {
         FailureKind::CircuitOpen | FailureKind::ConcurrencyLimited => 503,
         FailureKind::RequestBody => 400,
         FailureKind::RequestBodyTimeout => 408,
+        FailureKind::Panic => 500,
         _ => 0,
     }
 }
