@@ -220,6 +220,22 @@
 //!   only what its own traffic paid in, and the window slides with real time: a
 //!   quiet spell forgets only deposits older than the window.
 //!
+//! # Hedging and replicas
+//!
+//! [`Builder::hedge`] sends another attempt of a request that has had no answer
+//! for a delay ([`HedgePolicy::after`]) or for a percentile of the upstream's
+//! recent latency ([`HedgePolicy::at_percentile`]), without cancelling the
+//! first; the first answer that is not a failure wins and the others are
+//! dropped. Only requests safe to resend are hedged, every hedge is paid from
+//! the retry budget, none starts when the deadline is closer than the delay or
+//! while the breaker is not closed, and a loser never counts against a breaker
+//! (see [`HedgePolicy`]).
+//!
+//! [`endpoints::Endpoints`] serves one upstream from several replicas, inside
+//! the guard: each replica has its own breaker, each attempt goes to the less
+//! loaded of two random admitted replicas, and a retry or a hedge to one the
+//! request has not tried.
+//!
 //! # Observability
 //!
 //! One span `upstream_guard.request` (INFO) per request with the fields
@@ -227,11 +243,12 @@
 //! `error.type`, `upstream_guard.outcome`, `upstream_guard.attempts` and
 //! `upstream_guard.circuit_state`; one child `upstream_guard.attempt` (DEBUG) per
 //! attempt with `upstream_guard.attempt`, `http.request.resend_count`,
-//! `http.response.status_code` and `error.type`. Retries are DEBUG events and
+//! `http.response.status_code`, `error.type` and, on a hedge,
+//! `upstream_guard.hedge = true`. Retries are DEBUG events and
 //! circuit transitions WARN events. Spans are made for `tracing` subscribers:
 //! until one has been set (globally or scoped) the guard creates none, which
 //! keeps their cost off the request path. An [`Observer`] receives every attempt,
-//! retry, denied retry, transition, rejection and final response.
+//! retry, denied retry, hedge, transition, rejection and final response.
 //!
 //! # Features
 //!
