@@ -326,6 +326,35 @@ async fn hedges_do_not_use_up_retries() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(upstream.count("/seq/o/"), 3);
     assert_eq!(observer.retries(), 1);
+    // The retry's own attempt answered: no hedge won.
+    assert_eq!(observer.hedge_count("won"), 0);
+}
+
+#[tokio::test]
+async fn a_retry_is_hedged_like_the_first_attempt() {
+    let observer = Recording::default();
+    let upstream = Upstream::start().await;
+    let layer = hedging(observer.clone())
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(2)
+                .backoff(Duration::from_millis(1), Duration::from_millis(5))
+                .budget(0.2, 100),
+        )
+        .build()
+        .unwrap();
+    let client = guarded(&layer);
+    // The first attempt fails before its hedge is due; the retry (attempt 2)
+    // is slow, and its hedge (attempt 3) answers.
+    let answer = send(&client, get(&upstream.url("/seq/p/slow10:503,slow3000,ok"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let won = observer
+        .hedges()
+        .into_iter()
+        .filter(|(_, o)| *o == HedgeOutcome::Won);
+    assert_eq!(won.collect::<Vec<_>>(), vec![(3, HedgeOutcome::Won)]);
+    let success = upstream_guard::observe::Outcome::Success;
+    assert_eq!(observer.responses(), vec![(200, success, 3)]);
 }
 
 /// Waits (bounded) until `done` holds.

@@ -72,11 +72,11 @@ where
     S::Error: Into<BoxError>,
     B: Body + Unpin,
 {
-    /// Starts a round for a request that may be sent again, if the guard hedges
-    /// and the request is safe to hedge: its clock starts now, and its first
-    /// hedge is due after the policy's delay (none while a percentile has too
-    /// few samples).
-    pub(super) fn begin_round(&mut self, times: &mut Times) {
+    /// Starts a round, whose first attempt is number `first`, for a request
+    /// that may be sent again, if the guard hedges and the request is safe to
+    /// hedge: its clock starts now, and its first hedge is due after the
+    /// policy's delay (none while a percentile has too few samples).
+    pub(super) fn begin_round(&mut self, first: u32, times: &mut Times) {
         let Some(hedging) = &self.shared.hedge else {
             return;
         };
@@ -90,7 +90,7 @@ where
         let sent = self.hedge.as_ref().map_or(0, Round::sent);
         self.hedge = Some(Round {
             sent,
-            first: self.attempt + 1,
+            first,
             delay: delay.unwrap_or_default(),
             due: delay.map(|delay| crate::clock::later(now, delay)),
             held: 0,

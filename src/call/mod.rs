@@ -238,7 +238,7 @@ where
         let clone = inner.clone();
         let mut service = std::mem::replace(inner, clone);
         let head = Head::copy_of(&parts);
-        self.begin_round(times);
+        self.begin_round(self.attempt + 1, times);
         let request = self.first_request(parts, RequestBody::new(body), times);
         let future = self.send(&mut service, request);
         let body = ReplayBody::default();
@@ -419,7 +419,7 @@ where
                     return Sending::Answer(self.reject(rejection, clock.times().started()));
                 }
                 let head = Head::copy_of(&parts);
-                self.begin_round(clock.as_mut().times());
+                self.begin_round(self.attempt + 1, clock.as_mut().times());
                 let request = self.first_request(parts, replay.body(), clock.times());
                 let future = self.send(&mut service, request);
                 let body = replay;
@@ -653,7 +653,8 @@ where
                 self.report.attempt_started(self.attempt);
                 let future = self.report.in_attempt(|| again.service.call(request));
                 if self.hedge.is_some() {
-                    self.begin_round(clock.times());
+                    // The attempt just sent opens the new round.
+                    self.begin_round(self.attempt, clock.times());
                 }
                 return Poll::Ready(Sending::Sent(future));
             }
