@@ -357,10 +357,10 @@ fn kind_of_link(err: &(dyn Error + 'static)) -> Option<FailureKind> {
             _ => None,
         };
     }
-    if err.is::<tokio::time::error::Elapsed>() || err.is::<crate::endpoints::EndpointTimeout>() {
+    if err.is::<tokio::time::error::Elapsed>() || err.is::<crate::failure::EndpointTimeout>() {
         return Some(FailureKind::AttemptTimeout);
     }
-    if err.is::<crate::endpoints::NoEndpoint>() {
+    if err.is::<crate::failure::NoEndpoint>() {
         return Some(FailureKind::CircuitOpen);
     }
     kind_of_type_name(err)

@@ -321,3 +321,34 @@ impl Error for GuardFailure {
         self.source.as_deref().map(|e| e as &(dyn Error + 'static))
     }
 }
+
+// The errors of `endpoints::Endpoints` live here, with the failure vocabulary
+// the classifier maps them to, so that classifying needs no replica code.
+
+/// No replica's breaker admits the attempt: every one is ejected. The guard
+/// answers it `503` `circuit-open`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoEndpoint;
+
+impl fmt::Display for NoEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("every replica's circuit breaker is open")
+    }
+}
+
+impl std::error::Error for NoEndpoint {}
+
+/// A replica did not answer within
+/// [`EndpointsBuilder::attempt_timeout`](crate::endpoints::EndpointsBuilder::attempt_timeout); it
+/// counts against that replica's breaker. The guard answers it as an attempt
+/// timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointTimeout;
+
+impl fmt::Display for EndpointTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the replica did not answer in time")
+    }
+}
+
+impl std::error::Error for EndpointTimeout {}

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use crate::breaker::Target;
-use crate::retry::RetryBudget;
+use crate::retry::{BudgetConfig, RetryBudget};
 
 /// How many states are allocated at once, as the registry allocates breakers.
 const CHUNK: usize = 64;
@@ -29,6 +29,18 @@ pub(crate) trait KeyState {
 
 /// The retry budgets of one guard.
 pub(crate) type Budgets = PerKey<RetryBudget>;
+
+impl KeyState for RetryBudget {
+    type Config = BudgetConfig;
+
+    fn new(config: BudgetConfig) -> Self {
+        RetryBudget::new(config)
+    }
+
+    fn reset(&self) {
+        RetryBudget::reset(self);
+    }
+}
 
 /// One `T` per breaker key, and one for requests without a key.
 #[derive(Debug)]
@@ -127,7 +139,6 @@ fn is_newer(a: u32, b: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retry::BudgetConfig;
     use std::time::Duration;
     use tokio::time::Instant;
 

@@ -295,6 +295,7 @@ mod layer;
 pub mod metrics;
 pub mod observe;
 mod panic;
+mod placement;
 mod replay;
 mod report;
 mod response;

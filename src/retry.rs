@@ -394,18 +394,6 @@ pub(crate) struct RetryBudget {
     lines: Box<[Line]>,
 }
 
-impl crate::keyed::KeyState for RetryBudget {
-    type Config = BudgetConfig;
-
-    fn new(config: BudgetConfig) -> Self {
-        RetryBudget::new(config)
-    }
-
-    fn reset(&self) {
-        RetryBudget::reset(self);
-    }
-}
-
 impl RetryBudget {
     pub(crate) fn new(config: BudgetConfig) -> Self {
         RetryBudget::starting_at(config, Instant::now())

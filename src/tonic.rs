@@ -219,88 +219,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        request.extensions_mut().insert(ServiceKey(S::NAME));
+        request
+            .extensions_mut()
+            .insert(crate::placement::ServiceKey(S::NAME));
         self.guard.call(request)
-    }
-}
-
-/// The breaker key a [`GuardedService`] gives its requests: a request
-/// extension, which only server code can set.
-#[derive(Clone, Copy, Debug)]
-struct ServiceKey(&'static str);
-
-/// Who a request tells the guard it came from.
-pub(crate) enum Seen {
-    /// A tonic stub made it: a client placement.
-    Client,
-    /// A [`GuardedService`] passed it on: that service's key.
-    Service(&'static str),
-    /// A tonic server received it, before any routing.
-    Server,
-}
-
-/// What tonic's own request extensions say about where the guard sits;
-/// `None` when they say nothing.
-pub(crate) fn seen_by(parts: &http::request::Parts) -> Option<Seen> {
-    let extensions = &parts.extensions;
-    // Checked first: a server handler may pass its request's extensions on to
-    // a client call, and the stub then adds its method.
-    if extensions.get::<::tonic::GrpcMethod<'static>>().is_some() {
-        return Some(Seen::Client);
-    }
-    if let Some(ServiceKey(name)) = extensions.get::<ServiceKey>() {
-        return Some(Seen::Service(name));
-    }
-    if received_by_a_tonic_server(extensions) {
-        return Some(Seen::Server);
-    }
-    None
-}
-
-/// Whether tonic's server attached its connection info: it does so to every
-/// request, before the layers of `Server::layer`.
-fn received_by_a_tonic_server(extensions: &http::Extensions) -> bool {
-    use ::tonic::transport::server::TcpConnectInfo;
-    #[cfg(unix)]
-    if extensions
-        .get::<::tonic::transport::server::UdsConnectInfo>()
-        .is_some()
-    {
-        return true;
-    }
-    extensions.get::<TcpConnectInfo>().is_some()
-}
-
-#[cfg(test)]
-mod tests {
-    use ::tonic::transport::server::TcpConnectInfo;
-
-    use super::*;
-
-    fn received_by_a_tonic_server() -> http::request::Parts {
-        let (mut parts, ()) = Request::post("http://caller-chosen.example/pkg.Svc/Do")
-            .body(())
-            .expect("a valid request")
-            .into_parts();
-        parts.extensions.insert(TcpConnectInfo {
-            local_addr: None,
-            remote_addr: None,
-        });
-        parts
-    }
-
-    #[test]
-    fn a_request_a_tonic_server_received_is_seen_as_a_server_request() {
-        let parts = received_by_a_tonic_server();
-        assert!(matches!(seen_by(&parts), Some(Seen::Server)));
-    }
-
-    #[test]
-    fn a_stub_call_that_carries_a_server_requests_extensions_is_a_client_request() {
-        // A handler may pass its request on to a client stub, extensions and
-        // all; the stub adds the method it calls.
-        let mut parts = received_by_a_tonic_server();
-        (parts.extensions).insert(::tonic::GrpcMethod::new("pkg.Other", "Call"));
-        assert!(matches!(seen_by(&parts), Some(Seen::Client)));
     }
 }

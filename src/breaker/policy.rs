@@ -9,6 +9,7 @@ use http::request::Parts;
 
 use super::state::{Policy, MAX_PROBES};
 use crate::error::ConfigError;
+use crate::placement::Placement;
 
 /// Picks the breaker key of a request; see [`BreakerPolicy::per_key`].
 type KeyFn = dyn for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync;
@@ -24,58 +25,6 @@ pub(super) enum Keying {
     Authority,
     /// One breaker per user-chosen key.
     Custom(Arc<KeyFn>),
-}
-
-/// Where a guard sits, as far as a request can tell. Without the `axum` and
-/// `tonic` features nothing tells: every request is a client's.
-#[cfg_attr(not(any(feature = "axum", feature = "tonic")), allow(dead_code))]
-enum Placement<'a> {
-    /// Behind a server, on a route the server fixed (axum's matched route, a
-    /// tonic service's name): the route's key.
-    Route(&'a str),
-    /// Behind a server, before its routing: the only route facts there are
-    /// the caller's own (`:authority`, path), so none of them is a key.
-    Server,
-    /// In front of a client: the request's URI names its upstream.
-    Client,
-}
-
-impl Placement<'_> {
-    /// Where the guard that sees this request sits. Only request extensions,
-    /// which a server sets and a caller never can, say "server".
-    fn of(parts: &Parts) -> Placement<'_> {
-        #[cfg(feature = "tonic")]
-        if let Some(seen) = crate::tonic::seen_by(parts) {
-            return match seen {
-                crate::tonic::Seen::Client => Placement::Client,
-                crate::tonic::Seen::Service(name) => Placement::Route(name),
-                crate::tonic::Seen::Server => Placement::Server,
-            };
-        }
-        #[cfg(feature = "axum")]
-        if let Some(placement) = axum_placement(parts) {
-            return placement;
-        }
-        let _ = parts; // Read only by the features above.
-        Placement::Client
-    }
-}
-
-/// A request routed by an axum `Router` and not since rewritten for an
-/// upstream: keyed by the route axum matched (a pattern from the route table,
-/// so a bounded set), or the shared breaker when none matched. A handler that
-/// forwards the request to an upstream changes its URI's authority, which
-/// makes it a client request again (its extensions travel with it).
-#[cfg(feature = "axum")]
-fn axum_placement(parts: &Parts) -> Option<Placement<'_>> {
-    let received = parts.extensions.get::<axum::extract::OriginalUri>()?;
-    if received.authority() != parts.uri.authority() {
-        return None;
-    }
-    Some(match parts.extensions.get::<axum::extract::MatchedPath>() {
-        Some(route) => Placement::Route(route.as_str()),
-        None => Placement::Server,
-    })
 }
 
 impl Keying {

@@ -43,6 +43,7 @@ use crate::error::ConfigError;
 use crate::observe::Observer;
 use crate::BoxError;
 
+pub use crate::failure::{EndpointTimeout, NoEndpoint};
 pub use future::EndpointFuture;
 
 /// The most replicas one [`Endpoints`] may have.
@@ -241,33 +242,6 @@ where
         EndpointFuture::new(Arc::clone(&self.set), i, ticket, service, request)
     }
 }
-
-/// No replica's breaker admits the attempt: every one is ejected. The guard
-/// answers it `503` `circuit-open`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NoEndpoint;
-
-impl fmt::Display for NoEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("every replica's circuit breaker is open")
-    }
-}
-
-impl std::error::Error for NoEndpoint {}
-
-/// A replica did not answer within [`EndpointsBuilder::attempt_timeout`]; it
-/// counts against that replica's breaker. The guard answers it as an attempt
-/// timeout.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EndpointTimeout;
-
-impl fmt::Display for EndpointTimeout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the replica did not answer in time")
-    }
-}
-
-impl std::error::Error for EndpointTimeout {}
 
 /// Configures [`Endpoints`].
 pub struct EndpointsBuilder {
