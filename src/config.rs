@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerPolicy;
 use crate::error::ConfigError;
+use crate::hedge::HedgePolicy;
 use crate::layer::{Builder, UpstreamGuardLayer, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE};
 use crate::retry::RetryPolicy;
 
@@ -99,6 +100,11 @@ pub struct GuardConfig {
     pub circuit_breaker: Option<BreakerPolicy>,
     /// The `[retry]` section (default: [`RetryPolicy::default()`]).
     pub retry: RetryPolicy,
+    /// The `[hedge]` section (default: no hedging): `after = "50ms"` or
+    /// `percentile = 0.95`, and `min_delay`, `max_delay`, `max_hedges`,
+    /// `min_samples`, `window`; see [`HedgePolicy`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgePolicy>,
 }
 
 impl Default for GuardConfig {
@@ -112,6 +118,7 @@ impl Default for GuardConfig {
             expose_error_details: false,
             circuit_breaker: Some(BreakerPolicy::default()),
             retry: RetryPolicy::default(),
+            hedge: None,
         }
     }
 }
@@ -188,6 +195,9 @@ impl GuardConfig {
         if let Some(name) = self.upstream_name {
             builder = builder.upstream_name(name);
         }
+        if let Some(hedge) = self.hedge {
+            builder = builder.hedge(hedge);
+        }
         match self.circuit_breaker {
             Some(breaker) => builder.circuit_breaker(breaker),
             None => builder.no_circuit_breaker(),
@@ -255,6 +265,40 @@ mod tests {
         assert!(!text.contains("\nkeys ="), "{text}");
         let read: GuardConfig = toml::from_str(&text).unwrap();
         assert_eq!(read, GuardConfig::default(), "{text}");
+    }
+
+    #[test]
+    fn a_hedge_section_is_a_hedge_policy_and_reads_back() {
+        let config: GuardConfig =
+            toml::from_str("[hedge]\npercentile = 0.95\nmin_delay = \"5ms\"\nmax_hedges = 2")
+                .unwrap();
+        let expected = HedgePolicy::at_percentile(0.95)
+            .min_delay(Duration::from_millis(5))
+            .max_hedges(2);
+        assert_eq!(config.hedge, Some(expected));
+        let text = toml::to_string(&config).expect("serializes");
+        assert_eq!(
+            toml::from_str::<GuardConfig>(&text).unwrap(),
+            config,
+            "{text}"
+        );
+        UpstreamGuardLayer::from_config(config).expect("valid");
+    }
+
+    #[test]
+    fn a_hedge_section_needs_exactly_one_delay() {
+        let neither = toml::from_str::<GuardConfig>("[hedge]\nmax_hedges = 2").unwrap_err();
+        assert!(
+            neither
+                .to_string()
+                .contains("exactly one of `after` and `percentile`"),
+            "{neither}"
+        );
+        let both = "[hedge]\nafter = \"10ms\"\npercentile = 0.9";
+        assert!(toml::from_str::<GuardConfig>(both).is_err());
+        let bad: GuardConfig = toml::from_str("[hedge]\nafter = \"10ms\"\nmax_hedges = 9").unwrap();
+        let error = UpstreamGuardLayer::from_config(bad).unwrap_err();
+        assert_eq!(error.field(), "hedge.max_hedges");
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::time::Duration;
 use http::StatusCode;
 use support::guard::{get, guarded, send};
 use support::upstream::Upstream;
-use upstream_guard::{BreakerPolicy, FailureKind, GuardConfig, RetryPolicy, UpstreamGuardLayer};
+use upstream_guard::{
+    BreakerPolicy, FailureKind, GuardConfig, HedgePolicy, RetryPolicy, UpstreamGuardLayer,
+};
 
 /// A file that sets every key, each to a value other than its default.
 const FULL: &str = r#"
@@ -272,5 +274,9 @@ fn the_example_config_parses_and_builds() {
         .half_open_probes(2)
         .concurrency_limit(100);
     assert_eq!(config.circuit_breaker, Some(breaker));
+    let hedge = HedgePolicy::at_percentile(0.95)
+        .min_delay(Duration::from_millis(5))
+        .max_delay(Duration::from_millis(500));
+    assert_eq!(config.hedge, Some(hedge));
     UpstreamGuardLayer::from_config(config).expect("examples/config.toml is valid");
 }

@@ -46,6 +46,11 @@ pub(crate) use latency::LatencyWindow;
 /// # Ok::<(), upstream_guard::ConfigError>(())
 /// ```
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(try_from = "section::HedgeSection", into = "section::HedgeSection")
+)]
 pub struct HedgePolicy {
     delay: Delay,
     max_hedges: u32,
@@ -83,6 +88,107 @@ impl Hedging {
     /// The latencies of `target`'s upstream, if they are measured.
     pub(crate) fn latencies(&self, target: Option<Target>) -> Option<&LatencyWindow> {
         self.latencies.as_ref()?.of(target)
+    }
+}
+
+/// The `[hedge]` section of a config file: exactly one of `after` (a fixed
+/// delay) and `percentile`, and the optional bounds.
+#[cfg(feature = "serde")]
+mod section {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{Delay, HedgePolicy};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct HedgeSection {
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        after: Option<Duration>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        percentile: Option<f64>,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        min_delay: Option<Duration>,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        max_delay: Option<Duration>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_hedges: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_samples: Option<u32>,
+        #[serde(
+            default,
+            with = "humantime_serde",
+            skip_serializing_if = "Option::is_none"
+        )]
+        window: Option<Duration>,
+    }
+
+    impl TryFrom<HedgeSection> for HedgePolicy {
+        type Error = String;
+
+        fn try_from(section: HedgeSection) -> Result<Self, String> {
+            let mut policy = match (section.after, section.percentile) {
+                (Some(after), None) => HedgePolicy::after(after),
+                (None, Some(percentile)) => HedgePolicy::at_percentile(percentile),
+                _ => return Err("set exactly one of `after` and `percentile`".into()),
+            };
+            if let Some(min) = section.min_delay {
+                policy = policy.min_delay(min);
+            }
+            if let Some(max) = section.max_delay {
+                policy = policy.max_delay(max);
+            }
+            if let Some(hedges) = section.max_hedges {
+                policy = policy.max_hedges(hedges);
+            }
+            if let Some(samples) = section.min_samples {
+                policy = policy.min_samples(samples);
+            }
+            if let Some(window) = section.window {
+                policy = policy.window(window);
+            }
+            Ok(policy)
+        }
+    }
+
+    impl From<HedgePolicy> for HedgeSection {
+        fn from(policy: HedgePolicy) -> Self {
+            let (after, percentile, min_delay, max_delay) = match policy.delay {
+                Delay::Fixed(after) => (Some(after), None, None, None),
+                Delay::Percentile {
+                    percentile,
+                    min,
+                    max,
+                } => (
+                    None,
+                    Some(percentile),
+                    Some(min),
+                    (max != Duration::MAX).then_some(max),
+                ),
+            };
+            HedgeSection {
+                after,
+                percentile,
+                min_delay,
+                max_delay,
+                max_hedges: Some(policy.max_hedges),
+                min_samples: Some(policy.min_samples),
+                window: Some(policy.window),
+            }
+        }
     }
 }
 
