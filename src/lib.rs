@@ -187,6 +187,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+pub mod adaptive;
 mod body;
 pub mod breaker;
 mod budgets;
