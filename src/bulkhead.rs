@@ -158,7 +158,8 @@ impl Bulkhead {
         };
         let in_flight =
             (self.breakers.tenancy(target)).map_or(0, |(tenancy, _)| tenancy.in_flight());
-        if let Some(update) = limits.record(limiter, started.elapsed(), in_flight) {
+        let timed_out = matches!(outcome, AttemptOutcome::Failure(_));
+        if let Some(update) = limits.record(limiter, started, in_flight, timed_out) {
             self.report(target, update);
         }
     }

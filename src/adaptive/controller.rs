@@ -10,6 +10,10 @@ use super::AdaptiveConcurrency;
 /// slow requests, a GC pause) halves it at most.
 const MIN_GRADIENT: f64 = 0.5;
 
+/// Growth goes half way to the gradient's target each window: the queue the
+/// limit lets build shows a round trip later, and a full step overshoots.
+const GROWTH_SMOOTHING: f64 = 0.5;
+
 /// The bounds `Retry-After` is kept in: HTTP counts it in whole seconds, and a
 /// caller told to wait minutes would rather get an error.
 const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -55,7 +59,7 @@ impl Rule {
             // Not limited by us: the window shows nothing about more load.
             limit
         } else {
-            limit * gradient + 1.0
+            limit + (limit * gradient + 1.0 - limit) * GROWTH_SMOOTHING
         };
         next.clamp(self.min, self.max)
     }
@@ -106,9 +110,10 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_in_use_grows_while_latency_stays_at_the_baseline() {
+    fn a_limit_in_use_grows_half_way_to_its_target_while_latency_stays_at_the_baseline() {
+        // The target is 10 × 1.2 + 1 = 13.
         let next = rule().next(10.0, measured(50, 50, 10));
-        assert!((next - 13.0).abs() < 1e-9, "{next}");
+        assert!((next - 11.5).abs() < 1e-9, "{next}");
     }
 
     #[test]

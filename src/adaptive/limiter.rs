@@ -59,6 +59,16 @@ pub(crate) struct Limits {
     keyed: Box<[OnceLock<Box<[Limiter]>>]>,
 }
 
+/// One attempt's measurement.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    /// When the attempt started (ns since the epoch).
+    started: u64,
+    latency: u64,
+    in_flight: u32,
+    timed_out: bool,
+}
+
 /// What a window's close computed, for events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Update {
@@ -108,15 +118,23 @@ impl Limits {
             .then_some(limiter)
     }
 
-    /// Adds an attempt's latency, seen with `in_flight` requests in flight;
-    /// what changed if this closed the sample window.
+    /// Adds the latency of an attempt that started at `started` and saw
+    /// `in_flight` requests in flight; what changed if this closed the sample
+    /// window. `timed_out`: the latency is a timeout's, a lower bound.
     pub(crate) fn record(
         &self,
         limiter: &Limiter,
-        latency: Duration,
+        started: Instant,
         in_flight: u32,
+        timed_out: bool,
     ) -> Option<Update> {
-        limiter.record(&self.tuning, nanos(latency), in_flight)
+        let sample = Sample {
+            started: nanos(started.saturating_duration_since(self.tuning.epoch)),
+            latency: nanos(started.elapsed()),
+            in_flight,
+            timed_out,
+        };
+        limiter.record(&self.tuning, sample)
     }
 
     /// Starts `limiter` over: its circuit breaker is letting probes through.
@@ -235,19 +253,27 @@ impl Limiter {
 
     /// Adds one measurement; closes the window if it is over (see the module
     /// docs).
-    fn record(&self, tuning: &Tuning, latency: u64, in_flight: u32) -> Option<Update> {
-        self.sum.fetch_add(latency, Ordering::Relaxed);
+    ///
+    /// An attempt that started before the window did is left out: it was
+    /// admitted under the limit the last window replaced, and measuring it
+    /// would answer for that limit again (the limit would swing past its mark
+    /// and back, a round trip late each time). A timeout is the exception: it
+    /// always started long ago, and it is the loudest sign of a queue.
+    fn record(&self, tuning: &Tuning, sample: Sample) -> Option<Update> {
+        let start = self.window_start.load(Ordering::Acquire);
+        if sample.started < start && !sample.timed_out {
+            return None;
+        }
+        self.sum.fetch_add(sample.latency, Ordering::Relaxed);
         let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.peak.load(Ordering::Relaxed) < in_flight {
-            self.peak.fetch_max(in_flight, Ordering::Relaxed);
+        if self.peak.load(Ordering::Relaxed) < sample.in_flight {
+            self.peak.fetch_max(sample.in_flight, Ordering::Relaxed);
         }
         if count < MIN_SAMPLES {
             return None;
         }
         let now = tuning.now();
-        let start = self.window_start.load(Ordering::Acquire);
-        // At least a round trip long: a window's measurements come from
-        // requests admitted under the limit the last window set.
+        // At least a round trip long, so that its requests can end in it.
         let length = tuning.window_nanos.max(self.rtt.load(Ordering::Relaxed));
         if now.saturating_sub(start) < length {
             return None;
@@ -355,7 +381,8 @@ mod tests {
     }
 
     /// Records `n` measurements of `latency`, each seeing `in_flight`; the
-    /// last window close, if any.
+    /// last window close, if any. They started `latency` ago: measure after
+    /// advancing the clock by at least that much.
     fn feed(
         limits: &Limits,
         target: Target,
@@ -364,19 +391,22 @@ mod tests {
         in_flight: u32,
     ) -> Option<Update> {
         let limiter = limits.of(target).expect("the key's limiter");
+        let started = Instant::now() - latency;
         (0..n)
-            .filter_map(|_| limits.record(limiter, latency, in_flight))
+            .filter_map(|_| limits.record(limiter, started, in_flight, false))
             .last()
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_window_does_not_close_before_its_time() {
         let limits = limits();
+        limits.of(key(0, 0)).expect("created at 0");
+        tokio::time::advance(60 * MS).await;
         assert_eq!(feed(&limits, key(0, 0), 100, 50 * MS, 10), None);
-        tokio::time::advance(100 * MS).await;
+        tokio::time::advance(40 * MS).await;
         let update = feed(&limits, key(0, 0), 1, 50 * MS, 10).expect("closed");
         assert_eq!(update.samples, 101);
-        assert_eq!((update.previous, update.limit), (10, 13));
+        assert_eq!((update.previous, update.limit), (10, 11));
     }
 
     #[tokio::test(start_paused = true)]
@@ -394,7 +424,7 @@ mod tests {
         limits.of(key(0, 0)).expect("created at 0");
         tokio::time::advance(100 * MS).await;
         feed(&limits, key(0, 0), 10, 50 * MS, 10);
-        assert_eq!(limits.of(key(0, 0)).unwrap().limit(), 13);
+        assert_eq!(limits.of(key(0, 0)).unwrap().limit(), 11);
         assert_eq!(limits.of(key(1, 0)).unwrap().limit(), 10);
         assert_eq!(limits.of(Target::Default).unwrap().limit(), 10);
     }
@@ -405,7 +435,7 @@ mod tests {
         limits.of(key(3, 0)).expect("created at 0");
         tokio::time::advance(100 * MS).await;
         feed(&limits, key(3, 0), 10, 50 * MS, 10);
-        assert_eq!(limits.of(key(3, 0)).unwrap().limit(), 13);
+        assert_eq!(limits.of(key(3, 0)).unwrap().limit(), 11);
         assert_eq!(limits.of(key(3, 1)).unwrap().limit(), 10);
         assert!(limits.of(key(3, 0)).is_none(), "a straggler of the old key");
     }
@@ -422,7 +452,7 @@ mod tests {
         limits.restart(limiter);
         assert_eq!(limiter.limit(), 10);
         // A slower upstream after the restart is its new baseline: no queue.
-        tokio::time::advance(100 * MS).await;
+        tokio::time::advance(200 * MS).await;
         let update = feed(&limits, key(0, 0), 10, 200 * MS, 10).expect("closed");
         assert_eq!(update.baseline, 200 * MS);
         assert!(update.limit > 10, "{update:?}");
@@ -444,6 +474,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn attempts_started_before_the_window_are_left_out_but_timeouts_are_not() {
+        let limits = limits();
+        let limiter = limits.of(key(0, 0)).unwrap();
+        tokio::time::advance(100 * MS).await;
+        feed(&limits, key(0, 0), 8, 50 * MS, 10).expect("closed at 100 ms");
+        tokio::time::advance(100 * MS).await;
+        let before = Instant::now() - 150 * MS;
+        for _ in 0..20 {
+            assert_eq!(limits.record(limiter, before, 10, false), None);
+        }
+        let update = (0..8)
+            .filter_map(|_| limits.record(limiter, before, 10, true))
+            .last()
+            .expect("eight timeouts close the window");
+        assert_eq!((update.samples, update.rtt), (8, 150 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn requests_turned_away_lengthen_retry_after() {
         let limits = limits();
         let limiter = limits.of(key(0, 0)).unwrap();
@@ -454,8 +502,8 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         let update = feed(&limits, key(0, 0), 10, Duration::from_secs(1), 10).expect("closed");
-        assert_eq!((update.shed, update.limit), (60, 13));
-        // 30 turned away per round trip: 1 s × (1 + 30 / 13) = 3.3 s, so 4 s.
+        assert_eq!((update.shed, update.limit), (60, 11));
+        // 30 turned away per round trip: 1 s × (1 + 30 / 11) = 3.7 s, so 4 s.
         assert_eq!(update.retry_after, Duration::from_secs(4));
         assert_eq!(limiter.shed(), update.retry_after);
     }

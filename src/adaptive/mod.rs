@@ -34,14 +34,18 @@
 //! - Below `1`, the limit is multiplied by the gradient (at most halved per
 //!   window). At `1` or above, and only if the window used at least half the
 //!   limit (an idle upstream proves nothing about how much more it can take),
-//!   the limit becomes `limit × gradient + 1`.
+//!   the limit moves half way to `limit × gradient + 1`.
 //! - The limit stays within [`min_limit`](AdaptiveConcurrency::min_limit) and
 //!   [`max_limit`](AdaptiveConcurrency::max_limit).
+//! - A window measures only attempts that started in it (and timeouts): those
+//!   that started earlier were admitted under the previous limit, and
+//!   answering for it again would make the limit swing past its mark.
 //!
 //! Against an upstream that serves `N` requests at once in a fixed time and
-//! queues the rest, the limit settles between `(1 + tolerance) × N` and one
-//! above: the admitted requests wait at most a `tolerance` of the service time
-//! in its queue.
+//! queues the rest, the limit settles around `(1 + tolerance) × N` (the tests
+//! hold it between `N` and `1.2 × N + 2` with the default tolerance, 0.2): the
+//! admitted requests wait about a `tolerance` of the service time in the
+//! upstream's queue, no more, and the upstream is never idle for want of work.
 //!
 //! The baseline is a windowed minimum rather than a forced measurement at low
 //! concurrency (Envoy's): the controller's own back-off drains the queue, so
