@@ -51,6 +51,15 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_OPEN_MS)]
     open_ms: u64,
 
+    /// Adaptive concurrency limit per upstream: requests over it get a fast 503
+    /// with Retry-After (off when absent)
+    #[arg(long, conflicts_with = "concurrency_limit")]
+    adaptive_concurrency: bool,
+
+    /// Fixed concurrency limit per upstream (off when absent)
+    #[arg(long, value_name = "N")]
+    concurrency_limit: Option<u32>,
+
     /// Proxy mode only: the same proxy without the guard, for side-by-side benchmarks
     /// (a failed upstream call is a plain 502; guard flags are still checked)
     #[arg(long, requires = "listen")]
@@ -90,6 +99,8 @@ impl Cli {
             max_attempts: self.max_attempts,
             failure_threshold: self.failure_threshold,
             open_for: Duration::from_millis(self.open_ms),
+            adaptive_concurrency: self.adaptive_concurrency,
+            concurrency_limit: self.concurrency_limit,
         };
         // clap's `requires` makes `--listen` and `--upstream` come together.
         let mode = match (self.listen, self.upstream) {

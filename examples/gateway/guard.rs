@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use upstream_guard::adaptive::AdaptiveConcurrency;
 use upstream_guard::observe::NoopObserver;
 use upstream_guard::{BreakerPolicy, ConfigError, Observer, RetryPolicy, UpstreamGuardLayer};
 
@@ -30,6 +31,10 @@ pub struct GuardSettings {
     pub max_attempts: u32,
     pub failure_threshold: u32,
     pub open_for: Duration,
+    /// `--adaptive-concurrency`: a limit per upstream that follows its latency.
+    pub adaptive_concurrency: bool,
+    /// `--concurrency-limit`: a fixed limit per upstream.
+    pub concurrency_limit: Option<u32>,
 }
 
 /// How one guard groups requests into circuit breakers.
@@ -67,9 +72,15 @@ impl GuardSettings {
     /// The circuit breaker: `failure_threshold` failures in a row open it for
     /// `open_for`, doubling on each failed probe up to [`MAX_OPEN_FACTOR`] times.
     fn breaker(&self, keys: BreakerKeys) -> BreakerPolicy {
-        let breaker = BreakerPolicy::consecutive_failures(self.failure_threshold)
+        let mut breaker = BreakerPolicy::consecutive_failures(self.failure_threshold)
             .open_for(self.open_for)
             .max_open_for(self.max_open_for());
+        if self.adaptive_concurrency {
+            breaker = breaker.adaptive_concurrency(AdaptiveConcurrency::default());
+        }
+        if let Some(limit) = self.concurrency_limit {
+            breaker = breaker.concurrency_limit(limit);
+        }
         match keys {
             BreakerKeys::PerUpstream => breaker.per_authority(),
             BreakerKeys::PerRoute => breaker.per_key(|request: &http::request::Parts| {
