@@ -14,8 +14,9 @@
 //! `examples/gateway` binary; `GATEWAY_CPU` pins it with `taskset`), sends
 //! load for `DURATION` seconds, and prints one markdown row over what was sent
 //! after the first `WARMUP` seconds: goodput (`200`s per second, and as a
-//! share of the capacity), the `200`s' latency, the `503`s (how many, how
-//! fast, whether they carry `Retry-After`), and everything else (`504`s,
+//! share of the capacity), the `200`s' latency, the requests shed with
+//! `503 concurrency-limited` (how many, how fast, whether they carry
+//! `Retry-After`), the `503 circuit-open`s, and everything else (`504`s,
 //! errors, no answer within the client's 10 s).
 //!
 //! Without `GATEWAY` it prints how to run it and exits: `cargo bench` runs
@@ -68,7 +69,8 @@ impl Settings {
         let capacity: usize = env_or("CAPACITY", 16);
         let default_variants = format!(
             "no limit=;static {low}=--concurrency-limit {low};static {high}=--concurrency-limit {high};\
-             static {capacity} (oracle)=--concurrency-limit {capacity};adaptive=--adaptive-concurrency",
+             static {capacity} (oracle)=--concurrency-limit {capacity};\
+             adaptive=--adaptive-concurrency;adaptive, tolerance 0.1=--adaptive-concurrency 0.1",
             low = (capacity / 4).max(1),
             high = capacity * 8,
         );
@@ -127,9 +129,9 @@ async fn run(settings: Settings) -> Result<(), BoxError> {
     );
     println!();
     println!(
-        "| gateway | goodput (200/s) | of capacity | 200 p50 | 200 p99 | 503/s | 503 p99 | 503 with Retry-After | other/s |"
+        "| gateway | goodput (200/s) | of capacity | 200 p50 | 200 p99 | shed (503 concurrency-limited/s) | shed p99 | shed with Retry-After | 503 circuit-open/s | other/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, flags) in &settings.variants {
         let mut gateway = start_gateway(&settings, upstream, flags).await?;
         let addr = gateway.addr;
@@ -204,7 +206,7 @@ async fn start_gateway(
         .arg(format!("http://{upstream}"))
         .args(flags)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(gateway_log()?)
         .kill_on_drop(true);
     let mut child = command.spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
@@ -221,6 +223,20 @@ async fn start_gateway(
     Ok(Gateway { child, addr })
 }
 
+/// Where the gateway's log goes: the file `GATEWAY_LOG` names (appended to;
+/// with `RUST_LOG=upstream_guard=debug` it shows every recomputed limit), or
+/// nowhere.
+fn gateway_log() -> Result<Stdio, BoxError> {
+    let Ok(path) = std::env::var("GATEWAY_LOG") else {
+        return Ok(Stdio::null());
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    Ok(Stdio::from(file))
+}
+
 // ---------------------------------------------------------------------------
 // The load
 // ---------------------------------------------------------------------------
@@ -231,6 +247,7 @@ struct Tally {
     ok: Vec<Duration>,
     shed: Vec<Duration>,
     shed_with_retry_after: usize,
+    circuit_open: usize,
     other: usize,
     seconds: f64,
 }
@@ -238,7 +255,12 @@ struct Tally {
 /// How one request ended.
 enum Answer {
     Ok,
-    Shed { retry_after: bool },
+    /// `503 concurrency-limited`.
+    Shed {
+        retry_after: bool,
+    },
+    /// `503 circuit-open`.
+    CircuitOpen,
     Other,
 }
 
@@ -281,6 +303,7 @@ async fn drive(gateway: SocketAddr, rate: f64, duration: Duration, warmup: Durat
                 tally.shed.push(latency);
                 tally.shed_with_retry_after += usize::from(retry_after);
             }
+            Answer::CircuitOpen => tally.circuit_open += 1,
             Answer::Other => tally.other += 1,
         }
     }
@@ -296,12 +319,17 @@ async fn send(client: &Client<HttpConnector, Empty<Bytes>>, gateway: SocketAddr)
         let response = client.request(request).await.ok()?;
         let status = response.status();
         let retry_after = response.headers().contains_key(http::header::RETRY_AFTER);
-        response.into_body().collect().await.ok()?;
-        Some((status, retry_after))
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, retry_after, body))
     };
+    let limited = |body: &[u8]| contains(body, b"problem:concurrency-limited");
+    let open = |body: &[u8]| contains(body, b"problem:circuit-open");
     match tokio::time::timeout(Duration::from_secs(10), exchange).await {
-        Ok(Some((StatusCode::OK, _))) => Answer::Ok,
-        Ok(Some((StatusCode::SERVICE_UNAVAILABLE, retry_after))) => Answer::Shed { retry_after },
+        Ok(Some((StatusCode::OK, _, _))) => Answer::Ok,
+        Ok(Some((StatusCode::SERVICE_UNAVAILABLE, retry_after, body))) if limited(&body) => {
+            Answer::Shed { retry_after }
+        }
+        Ok(Some((StatusCode::SERVICE_UNAVAILABLE, _, body))) if open(&body) => Answer::CircuitOpen,
         _ => Answer::Other,
     }
 }
@@ -311,18 +339,26 @@ impl Tally {
         let goodput = self.ok.len() as f64 / self.seconds;
         let share = goodput / settings.capacity_per_sec() * 100.0;
         format!(
-            "| {name} | {goodput:.0} | {share:.0} % | {} | {} | {:.0} | {} | {} | {:.0} |",
+            "| {name} | {goodput:.0} | {share:.0} % | {} | {} | {:.0} | {} | {} | {:.0} | {:.0} |",
             ms(percentile(&self.ok, 0.50)),
             ms(percentile(&self.ok, 0.99)),
             self.shed.len() as f64 / self.seconds,
             ms(percentile(&self.shed, 0.99)),
             match self.shed.len() {
                 0 => "-".to_owned(),
-                n => format!("{:.0} %", self.shed_with_retry_after as f64 / n as f64 * 100.0),
+                n => format!(
+                    "{:.0} %",
+                    self.shed_with_retry_after as f64 / n as f64 * 100.0
+                ),
             },
+            self.circuit_open as f64 / self.seconds,
             self.other as f64 / self.seconds,
         )
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn percentile(latencies: &[Duration], p: f64) -> Option<Duration> {

@@ -283,7 +283,7 @@ async fn under_four_times_the_capacity_the_limit_settles_near_what_the_upstream_
     // From 5 s on, between N and (1 + tolerance) × N = 12, plus the two the
     // controller may add when it probes upwards.
     let settled = recording.limits_since(start + Duration::from_secs(5));
-    assert!(settled.len() > 50, "{} windows", settled.len());
+    assert!(settled.len() > 30, "{} windows", settled.len());
     let limits = settled.iter().map(|l| l.limit);
     let (low, high) = (limits.clone().min().unwrap(), limits.max().unwrap());
     assert!(
@@ -341,13 +341,13 @@ async fn the_limit_falls_when_the_upstream_slows_and_grows_back_after_it_recover
     );
     let start = Instant::now();
     let slow_at = start + Duration::from_secs(5);
-    let recovered_at = start + Duration::from_secs(10);
+    let recovered_at = start + Duration::from_secs(15);
 
     let load = drive(
         &guard,
         OVERLOAD,
-        Duration::from_secs(20),
-        Duration::from_secs(15),
+        Duration::from_secs(30),
+        Duration::from_secs(25),
     );
     let faults = async {
         tokio::time::sleep_until(slow_at).await;
@@ -359,18 +359,15 @@ async fn the_limit_falls_when_the_upstream_slows_and_grows_back_after_it_recover
 
     let before = recording.limits_since(start + Duration::from_secs(4));
     let before = before.iter().take_while(|l| l.at < slow_at).last().unwrap();
-    let slow = recording.limits_since(slow_at + Duration::from_secs(3));
-    let lowest = slow
-        .iter()
-        .take_while(|l| l.at < recovered_at)
-        .map(|l| l.limit)
-        .min();
-    let grown = recording.limits_since(recovered_at + Duration::from_secs(3));
+    let slow = recording.limits_since(slow_at);
+    let slow = slow.iter().take_while(|l| l.at < recovered_at);
+    let grown = recording.limits_since(recovered_at + Duration::from_secs(5));
     assert!(before.limit >= SLOTS as u32, "{before:?}");
     // Five times slower at the same baseline: the limit backs off to its
     // minimum (2) and the upstream's queue drains.
-    assert_eq!(lowest, Some(2));
-    // Within 3 s of the recovery, the limit is back to what the upstream serves.
+    assert_eq!(slow.map(|l| l.limit).min(), Some(2));
+    // Within 5 s of the recovery, the limit is back to what the upstream
+    // serves, and the upstream is as busy as before.
     assert!(grown.iter().all(|l| l.limit >= SLOTS as u32), "{grown:?}");
     assert!(run.goodput() >= 0.9 * CAPACITY, "{} / s", run.goodput());
 }

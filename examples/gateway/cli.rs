@@ -51,10 +51,17 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_OPEN_MS)]
     open_ms: u64,
 
-    /// Adaptive concurrency limit per upstream: requests over it get a fast 503
-    /// with Retry-After (off when absent)
-    #[arg(long, conflicts_with = "concurrency_limit")]
-    adaptive_concurrency: bool,
+    /// Adaptive concurrency limit per upstream, with the latency TOLERANCE it
+    /// allows over the upstream's baseline (default 0.2): requests over the
+    /// limit get a fast 503 with Retry-After (off when absent)
+    #[arg(
+        long,
+        value_name = "TOLERANCE",
+        num_args = 0..=1,
+        default_missing_value = "0.2",
+        conflicts_with = "concurrency_limit"
+    )]
+    adaptive_concurrency: Option<f64>,
 
     /// Fixed concurrency limit per upstream (off when absent)
     #[arg(long, value_name = "N")]

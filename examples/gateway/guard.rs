@@ -31,8 +31,9 @@ pub struct GuardSettings {
     pub max_attempts: u32,
     pub failure_threshold: u32,
     pub open_for: Duration,
-    /// `--adaptive-concurrency`: a limit per upstream that follows its latency.
-    pub adaptive_concurrency: bool,
+    /// `--adaptive-concurrency [TOLERANCE]`: a limit per upstream that follows
+    /// its latency.
+    pub adaptive_concurrency: Option<f64>,
     /// `--concurrency-limit`: a fixed limit per upstream.
     pub concurrency_limit: Option<u32>,
 }
@@ -75,8 +76,9 @@ impl GuardSettings {
         let mut breaker = BreakerPolicy::consecutive_failures(self.failure_threshold)
             .open_for(self.open_for)
             .max_open_for(self.max_open_for());
-        if self.adaptive_concurrency {
-            breaker = breaker.adaptive_concurrency(AdaptiveConcurrency::default());
+        if let Some(tolerance) = self.adaptive_concurrency {
+            let limit = AdaptiveConcurrency::default().tolerance(tolerance);
+            breaker = breaker.adaptive_concurrency(limit);
         }
         if let Some(limit) = self.concurrency_limit {
             breaker = breaker.concurrency_limit(limit);

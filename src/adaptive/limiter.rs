@@ -26,6 +26,14 @@ const CHUNK: usize = 64;
 /// is mostly noise, and the baseline is the lowest mean seen.
 const MIN_SAMPLES: u64 = 8;
 
+/// The fewest round trips (last window's mean latency) a window lasts. A
+/// window measures the attempts that started in it and ended before it
+/// closed, which leaves out the slowest of those started late in it: over
+/// one round trip, the measured mean comes out well below the true one and
+/// the limit grows past its mark; over several, the few left out barely move
+/// the mean.
+const ROUND_TRIPS_PER_WINDOW: u64 = 3;
+
 /// The baseline window is kept as this many buckets, each the lowest window
 /// mean seen in its stretch of time; the oldest is dropped as time moves on.
 const BUCKETS: usize = 8;
@@ -273,8 +281,8 @@ impl Limiter {
             return None;
         }
         let now = tuning.now();
-        // At least a round trip long, so that its requests can end in it.
-        let length = tuning.window_nanos.max(self.rtt.load(Ordering::Relaxed));
+        let rtt = self.rtt.load(Ordering::Relaxed);
+        let length = (tuning.window_nanos).max(rtt.saturating_mul(ROUND_TRIPS_PER_WINDOW));
         if now.saturating_sub(start) < length {
             return None;
         }
@@ -479,8 +487,9 @@ mod tests {
         let limiter = limits.of(key(0, 0)).unwrap();
         tokio::time::advance(100 * MS).await;
         feed(&limits, key(0, 0), 8, 50 * MS, 10).expect("closed at 100 ms");
-        tokio::time::advance(100 * MS).await;
-        let before = Instant::now() - 150 * MS;
+        // Three round trips of 50 ms make the next window at least 150 ms.
+        tokio::time::advance(200 * MS).await;
+        let before = Instant::now() - 250 * MS;
         for _ in 0..20 {
             assert_eq!(limits.record(limiter, before, 10, false), None);
         }
@@ -488,7 +497,7 @@ mod tests {
             .filter_map(|_| limits.record(limiter, before, 10, true))
             .last()
             .expect("eight timeouts close the window");
-        assert_eq!((update.samples, update.rtt), (8, 150 * MS));
+        assert_eq!((update.samples, update.rtt), (8, 250 * MS));
     }
 
     #[tokio::test(start_paused = true)]

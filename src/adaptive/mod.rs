@@ -20,10 +20,10 @@
 //! connection, a `500`) are the breaker's business and are not measured.
 //!
 //! The measurements go into a sample window. A window closes once it is at
-//! least [`sample_window`](AdaptiveConcurrency::sample_window) and one round
-//! trip long and holds at least 8 measurements; the request whose measurement
-//! closes it recomputes the limit (a gradient controller, after Envoy's
-//! adaptive concurrency filter and Netflix's Gradient2):
+//! least [`sample_window`](AdaptiveConcurrency::sample_window) and three
+//! round trips long and holds at least 8 measurements; the request whose
+//! measurement closes it recomputes the limit (a gradient controller, after
+//! Envoy's adaptive concurrency filter and Netflix's Gradient2):
 //!
 //! - `rtt`: the window's mean latency; `baseline`: the lowest window mean over
 //!   the last [`baseline_window`](AdaptiveConcurrency::baseline_window) — the
@@ -185,7 +185,7 @@ impl AdaptiveConcurrency {
     }
 
     /// The shortest sample window (default 100 ms); a window also lasts at
-    /// least one round trip and 8 measurements.
+    /// least three round trips and 8 measurements.
     pub fn sample_window(mut self, window: Duration) -> Self {
         self.sample_window = window;
         self
