@@ -48,8 +48,9 @@ enum Limit {
     /// The same number, always ([`BreakerPolicy::concurrency_limit`]).
     Fixed(u32),
     /// A number per key that follows the upstream's latency
-    /// ([`BreakerPolicy::adaptive_concurrency`]).
-    Adaptive(Limits),
+    /// ([`BreakerPolicy::adaptive_concurrency`]). Boxed: the limiter of
+    /// requests without a key is held inline and is large.
+    Adaptive(Box<Limits>),
 }
 
 /// The key already has as many requests in flight as the cap allows; the
@@ -72,7 +73,7 @@ impl Bulkhead {
         let limit = match (policy.concurrency_cap(), policy.adaptive()) {
             (Some(cap), _) => Limit::Fixed(cap),
             (None, Some(adaptive)) => {
-                Limit::Adaptive(Limits::new(adaptive, policy.keyed_capacity()))
+                Limit::Adaptive(Box::new(Limits::new(adaptive, policy.keyed_capacity())))
             }
             (None, None) => return None,
         };
@@ -99,7 +100,7 @@ impl Bulkhead {
     ) -> Arc<Bulkhead> {
         Arc::new(Bulkhead {
             breakers: Arc::clone(breakers),
-            limit: Limit::Adaptive(Limits::new(config, 64)),
+            limit: Limit::Adaptive(Box::new(Limits::new(config, 64))),
             observer: None,
         })
     }
