@@ -70,9 +70,11 @@ impl Settings {
         let default_variants = format!(
             "no limit=;static {low}=--concurrency-limit {low};static {high}=--concurrency-limit {high};\
              static {capacity} (oracle)=--concurrency-limit {capacity};\
+             static {above} (oracle + 1)=--concurrency-limit {above};\
              adaptive=--adaptive-concurrency;adaptive, tolerance 0.1=--adaptive-concurrency 0.1",
             low = (capacity / 4).max(1),
             high = capacity * 8,
+            above = capacity + 1,
         );
         let variants = env_or("VARIANTS", default_variants)
             .split(';')
@@ -129,7 +131,7 @@ async fn run(settings: Settings) -> Result<(), BoxError> {
     );
     println!();
     println!(
-        "| gateway | goodput (200/s) | of capacity | 200 p50 | 200 p99 | shed (503 concurrency-limited/s) | shed p99 | shed with Retry-After | 503 circuit-open/s | other/s |"
+        "| gateway | goodput (200/s) | of capacity | 200 p50 | 200 p99 | shed (503 concurrency-limited/s) | shed p99 | shed with Retry-After, its values | 503 circuit-open/s | other/s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, flags) in &settings.variants {
@@ -246,7 +248,8 @@ fn gateway_log() -> Result<Stdio, BoxError> {
 struct Tally {
     ok: Vec<Duration>,
     shed: Vec<Duration>,
-    shed_with_retry_after: usize,
+    /// The `Retry-After` of each shed request that had one, in seconds.
+    retry_after: Vec<u64>,
     circuit_open: usize,
     other: usize,
     seconds: f64,
@@ -255,9 +258,9 @@ struct Tally {
 /// How one request ended.
 enum Answer {
     Ok,
-    /// `503 concurrency-limited`.
+    /// `503 concurrency-limited`, with its `Retry-After` in seconds.
     Shed {
-        retry_after: bool,
+        retry_after: Option<u64>,
     },
     /// `503 circuit-open`.
     CircuitOpen,
@@ -301,7 +304,7 @@ async fn drive(gateway: SocketAddr, rate: f64, duration: Duration, warmup: Durat
             Answer::Ok => tally.ok.push(latency),
             Answer::Shed { retry_after } => {
                 tally.shed.push(latency);
-                tally.shed_with_retry_after += usize::from(retry_after);
+                tally.retry_after.extend(retry_after);
             }
             Answer::CircuitOpen => tally.circuit_open += 1,
             Answer::Other => tally.other += 1,
@@ -318,7 +321,8 @@ async fn send(client: &Client<HttpConnector, Empty<Bytes>>, gateway: SocketAddr)
             .ok()?;
         let response = client.request(request).await.ok()?;
         let status = response.status();
-        let retry_after = response.headers().contains_key(http::header::RETRY_AFTER);
+        let retry_after = (response.headers().get(http::header::RETRY_AFTER))
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let body = response.into_body().collect().await.ok()?.to_bytes();
         Some((status, retry_after, body))
     };
@@ -344,16 +348,26 @@ impl Tally {
             ms(percentile(&self.ok, 0.99)),
             self.shed.len() as f64 / self.seconds,
             ms(percentile(&self.shed, 0.99)),
-            match self.shed.len() {
-                0 => "-".to_owned(),
-                n => format!(
-                    "{:.0} %",
-                    self.shed_with_retry_after as f64 / n as f64 * 100.0
-                ),
-            },
+            self.retry_after_cell(),
             self.circuit_open as f64 / self.seconds,
             self.other as f64 / self.seconds,
         )
+    }
+}
+
+impl Tally {
+    /// How many shed requests had a `Retry-After`, and its range.
+    fn retry_after_cell(&self) -> String {
+        let (Some(low), Some(high)) =
+            (self.retry_after.iter().min(), self.retry_after.iter().max())
+        else {
+            return "-".to_owned();
+        };
+        let share = self.retry_after.len() as f64 / self.shed.len() as f64 * 100.0;
+        match low == high {
+            true => format!("{share:.0} %, {low} s"),
+            false => format!("{share:.0} %, {low}–{high} s"),
+        }
     }
 }
 
