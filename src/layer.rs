@@ -311,11 +311,10 @@ impl Builder {
             .circuit_breaker
             .as_ref()
             .map(|policy| Arc::new(Breakers::new(policy)));
-        let bulkhead = self
-            .circuit_breaker
-            .as_ref()
-            .and_then(BreakerPolicy::concurrency_cap)
-            .map(Bulkhead::new);
+        let observer: Option<Arc<dyn Observer>> = self.observer.map(Arc::from);
+        let bulkhead = (self.circuit_breaker.as_ref().zip(breakers.as_ref()))
+            .and_then(|(policy, breakers)| Bulkhead::for_policy(policy, breakers, observer.clone()))
+            .map(Arc::new);
         let hedge = self.hedge.map(|policy| Hedging::new(policy, keys));
         UpstreamGuardLayer {
             shared: Arc::new(Shared {
@@ -326,7 +325,7 @@ impl Builder {
                 upstream_name: self.upstream_name,
                 expose_error_details: self.expose_error_details,
                 classifier: self.classifier,
-                observer: self.observer,
+                observer,
                 failure_hook: self.failure_hook,
                 budget,
                 breakers,

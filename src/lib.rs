@@ -236,6 +236,19 @@
 //! loaded of two random admitted replicas, and a retry or a hedge to one the
 //! request has not tried.
 //!
+//! # Adaptive concurrency
+//!
+//! [`BreakerPolicy::adaptive_concurrency`] limits each breaker key's requests in
+//! flight to what the upstream serves without queueing, measured from the
+//! latency of its answers, instead of a fixed
+//! [`concurrency_limit`](BreakerPolicy::concurrency_limit). Use it when an
+//! upstream's capacity is unknown or moves; keep a fixed limit when it is a
+//! known, hard number. Requests over the limit are answered at once with `503`
+//! `concurrency-limited` and a `Retry-After` derived from the latency measured,
+//! and never reach the upstream; an open circuit answers before the limit does,
+//! and the limit restarts conservatively when the circuit closes. See
+//! [`adaptive`] for how the limit moves and what it costs.
+//!
 //! # Observability
 //!
 //! One span `upstream_guard.request` (INFO) per request with the fields
@@ -274,6 +287,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+pub mod adaptive;
 mod body;
 pub mod breaker;
 mod bulkhead;

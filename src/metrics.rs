@@ -35,6 +35,9 @@
 //! | `upstream_guard_rejections_total` | counter | `upstream`, `reason` | requests answered `503` without calling the upstream |
 //! | `upstream_guard_circuit_transitions_total` | counter | `key`, `from`, `to` | circuit breaker state changes |
 //! | `upstream_guard_circuit_state` | gauge | `key` | a breaker's state after its last change: `0` closed, `1` half-open, `2` open |
+//! | `upstream_guard_concurrency_limit` | gauge | `key` | an [adaptive concurrency limit](crate::adaptive) after its last recomputation |
+//! | `upstream_guard_concurrency_rtt_seconds` | gauge | `key` | the mean latency of the last sample window the limit was computed from |
+//! | `upstream_guard_concurrency_baseline_seconds` | gauge | `key` | the baseline latency that window was compared with |
 //!
 //! Label values:
 //!
@@ -68,6 +71,9 @@
 //!
 //! - Durations are measured lazily (see [`crate::Observer`]): an inner service
 //!   that answers on its first poll records `0`.
+//! - The concurrency gauges are set at the end of each sample window, about
+//!   every 100 ms per key under load, and stay where they were while a key
+//!   sees no traffic.
 //! - The circuit gauge follows the transitions the guard reports, so a breaker
 //!   that never changed state has no series (read it as closed). Operator
 //!   overrides through [`BreakerHandle`](crate::BreakerHandle) are not
@@ -86,8 +92,8 @@ use ::metrics::{
 use http::{Method, StatusCode};
 
 use crate::observe::{
-    AttemptEvent, AttemptOutcome, CircuitEvent, HedgeEvent, HedgeOutcome, Observer, RejectedEvent,
-    RequestFacts, ResponseEvent, RetryDeniedEvent, RetryEvent,
+    AttemptEvent, AttemptOutcome, CircuitEvent, ConcurrencyLimitEvent, HedgeEvent, HedgeOutcome,
+    Observer, RejectedEvent, RequestFacts, ResponseEvent, RetryDeniedEvent, RetryEvent,
 };
 
 const REQUESTS_TOTAL: &str = "upstream_guard_requests_total";
@@ -100,6 +106,9 @@ const HEDGES_TOTAL: &str = "upstream_guard_hedges_total";
 const REJECTIONS_TOTAL: &str = "upstream_guard_rejections_total";
 const CIRCUIT_TRANSITIONS_TOTAL: &str = "upstream_guard_circuit_transitions_total";
 const CIRCUIT_STATE: &str = "upstream_guard_circuit_state";
+const CONCURRENCY_LIMIT: &str = "upstream_guard_concurrency_limit";
+const CONCURRENCY_RTT: &str = "upstream_guard_concurrency_rtt_seconds";
+const CONCURRENCY_BASELINE: &str = "upstream_guard_concurrency_baseline_seconds";
 
 /// The `upstream` label value when the guard knows no upstream name.
 const UNKNOWN_UPSTREAM: &str = "unknown";
@@ -227,6 +236,21 @@ impl MetricsObserver {
             CIRCUIT_STATE,
             "Circuit breaker state after its last change: 0 closed, 1 half-open, 2 open."
         );
+        describe_gauge!(
+            CONCURRENCY_LIMIT,
+            Unit::Count,
+            "Adaptive concurrency limit: requests a key may have in flight."
+        );
+        describe_gauge!(
+            CONCURRENCY_RTT,
+            Unit::Seconds,
+            "Mean latency of the last sample window of an adaptive concurrency limit."
+        );
+        describe_gauge!(
+            CONCURRENCY_BASELINE,
+            Unit::Seconds,
+            "Baseline latency (lowest recent window mean) of an adaptive concurrency limit."
+        );
     }
 
     /// A label list with room for `extra` more labels, starting with `upstream`.
@@ -307,6 +331,17 @@ impl Observer for MetricsObserver {
         labels.push(Label::from_static_parts("from", event.from().as_str()));
         labels.push(Label::from_static_parts("to", event.to().as_str()));
         counter!(CIRCUIT_TRANSITIONS_TOTAL, labels).increment(1);
+    }
+
+    fn on_concurrency_limit(&self, event: &ConcurrencyLimitEvent<'_>) {
+        // Per key or not at all: one series for every key would mix them.
+        let Some(key) = self.key_label(event.key()) else {
+            return;
+        };
+        let labels = vec![key];
+        gauge!(CONCURRENCY_LIMIT, labels.clone()).set(f64::from(event.limit()));
+        gauge!(CONCURRENCY_RTT, labels.clone()).set(event.rtt().as_secs_f64());
+        gauge!(CONCURRENCY_BASELINE, labels).set(event.baseline().as_secs_f64());
     }
 
     fn on_rejected(&self, event: &RejectedEvent<'_>) {
@@ -659,6 +694,51 @@ mod tests {
                 &[("key", "a:80"), ("from", "open"), ("to", "half_open")]
             ),
             &DebugValue::Counter(1)
+        );
+    }
+
+    fn limit_event(key: Option<&str>) -> ConcurrencyLimitEvent<'_> {
+        ConcurrencyLimitEvent {
+            key,
+            limit: 24,
+            previous: 30,
+            rtt: std::time::Duration::from_millis(60),
+            baseline: std::time::Duration::from_millis(50),
+            samples: 200,
+            shed: 40,
+            retry_after: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn an_adaptive_limit_and_its_latencies_are_gauges_per_key() {
+        let rows =
+            record(|| MetricsObserver::new().on_concurrency_limit(&limit_event(Some("a:80"))));
+        let key = [("key", "a:80")];
+        assert_eq!(
+            find(&rows, CONCURRENCY_LIMIT, &key),
+            &DebugValue::Gauge(24.0.into())
+        );
+        assert_eq!(
+            find(&rows, CONCURRENCY_RTT, &key),
+            &DebugValue::Gauge(0.06.into())
+        );
+        assert_eq!(
+            find(&rows, CONCURRENCY_BASELINE, &key),
+            &DebugValue::Gauge(0.05.into())
+        );
+    }
+
+    #[test]
+    fn adaptive_limits_have_no_gauges_without_key_labels() {
+        let rows = record(|| {
+            let observer = MetricsObserver::new().without_circuit_key_label();
+            observer.on_concurrency_limit(&limit_event(Some("a:80")));
+        });
+        assert!(
+            rows.iter()
+                .all(|r| !r.1.starts_with("upstream_guard_concurrency")),
+            "{rows:#?}"
         );
     }
 

@@ -74,6 +74,13 @@ pub trait Observer: Send + Sync + 'static {
     fn on_response(&self, event: &ResponseEvent<'_>) {
         let _ = event;
     }
+
+    /// An [adaptive concurrency limit](crate::adaptive) was recomputed at the
+    /// end of a sample window (about every 100 ms per key under load), with
+    /// the latencies it was computed from.
+    fn on_concurrency_limit(&self, event: &ConcurrencyLimitEvent<'_>) {
+        let _ = event;
+    }
 }
 
 /// The observer used when none is configured: it does nothing.
@@ -445,6 +452,64 @@ impl<'a> RejectedEvent<'a> {
     }
 
     /// When the caller may try again.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+/// An adaptive concurrency limit was recomputed. See
+/// [`Observer::on_concurrency_limit`] and [`crate::adaptive`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConcurrencyLimitEvent<'a> {
+    pub(crate) key: Option<&'a str>,
+    pub(crate) limit: u32,
+    pub(crate) previous: u32,
+    pub(crate) rtt: Duration,
+    pub(crate) baseline: Duration,
+    pub(crate) samples: u64,
+    pub(crate) shed: u64,
+    pub(crate) retry_after: Duration,
+}
+
+impl<'a> ConcurrencyLimitEvent<'a> {
+    /// The breaker key the limit belongs to; `None` for requests without one.
+    pub fn key(&self) -> Option<&'a str> {
+        self.key
+    }
+
+    /// The limit now: how many requests of the key may be in flight.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The limit before this window.
+    pub fn previous(&self) -> u32 {
+        self.previous
+    }
+
+    /// The window's mean latency (time to response headers of successful
+    /// attempts, and of attempts that timed out).
+    pub fn rtt(&self) -> Duration {
+        self.rtt
+    }
+
+    /// The baseline the window was compared with: the lowest window mean over
+    /// the baseline window, the upstream's latency when nothing queues.
+    pub fn baseline(&self) -> Duration {
+        self.baseline
+    }
+
+    /// How many attempts the window measured.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// How many requests the limit turned away during the window.
+    pub fn shed(&self) -> u64 {
+        self.shed
+    }
+
+    /// The `Retry-After` requests turned away get until the next window.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }

@@ -25,14 +25,16 @@ pub(crate) struct Shared {
     pub(crate) upstream_name: Option<Arc<str>>,
     pub(crate) expose_error_details: bool,
     pub(crate) classifier: Box<dyn Classify>,
-    /// `None` when nobody listens: no event is built.
-    pub(crate) observer: Option<Box<dyn Observer>>,
+    /// `None` when nobody listens: no event is built. Shared with the
+    /// bulkhead, which reports adaptive limits.
+    pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) failure_hook: Option<Box<FailureHook>>,
     pub(crate) budget: Option<Budgets>,
     /// Behind their own reference count, which operator handles share.
     pub(crate) breakers: Option<Arc<Breakers>>,
-    /// The concurrency cap per breaker key; `None` without one.
-    pub(crate) bulkhead: Option<Bulkhead>,
+    /// The concurrency cap per breaker key; `None` without one. Behind a
+    /// reference count that each permit holds.
+    pub(crate) bulkhead: Option<Arc<Bulkhead>>,
     /// `None`: requests are never hedged.
     pub(crate) hedge: Option<Hedging>,
 }
@@ -87,11 +89,11 @@ impl Shared {
             Admit::Reject(kind, retry_after) => Admission::Reject(kind, retry_after),
             Admit::Go(mut ticket) => match self.bulkhead.as_ref() {
                 None => Admission::Go(ticket, None),
-                Some(bulkhead) => match bulkhead.acquire(breakers, target) {
+                Some(bulkhead) => match bulkhead.acquire(target, state) {
                     Ok(permit) => Admission::Go(ticket, permit),
-                    Err(Full) => {
+                    Err(Full(retry_after)) => {
                         breakers.release(&mut ticket);
-                        Admission::Reject(FailureKind::ConcurrencyLimited, Bulkhead::RETRY_AFTER)
+                        Admission::Reject(FailureKind::ConcurrencyLimited, retry_after)
                     }
                 },
             },

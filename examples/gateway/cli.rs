@@ -57,6 +57,22 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     hedge_after_ms: u64,
 
+    /// Adaptive concurrency limit per upstream, with the latency TOLERANCE it
+    /// allows over the upstream's baseline (default 0.2): requests over the
+    /// limit get a fast 503 with Retry-After (off when absent)
+    #[arg(
+        long,
+        value_name = "TOLERANCE",
+        num_args = 0..=1,
+        default_missing_value = "0.2",
+        conflicts_with = "concurrency_limit"
+    )]
+    adaptive_concurrency: Option<f64>,
+
+    /// Fixed concurrency limit per upstream (off when absent)
+    #[arg(long, value_name = "N")]
+    concurrency_limit: Option<u32>,
+
     /// Proxy mode only: the same proxy without the guard, for side-by-side benchmarks
     /// (a failed upstream call is a plain 502; guard flags are still checked)
     #[arg(long, requires = "listen")]
@@ -99,6 +115,8 @@ impl Cli {
             open_for: Duration::from_millis(self.open_ms),
             hedge_after: (self.hedge_after_ms > 0)
                 .then(|| Duration::from_millis(self.hedge_after_ms)),
+            adaptive_concurrency: self.adaptive_concurrency,
+            concurrency_limit: self.concurrency_limit,
         };
         // clap's `requires` makes `--listen` and `--upstream` come together.
         let mode = match self.listen {

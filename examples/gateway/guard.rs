@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use upstream_guard::adaptive::AdaptiveConcurrency;
 use upstream_guard::endpoints::{Endpoints, EndpointsBuilder};
 use upstream_guard::observe::NoopObserver;
 use upstream_guard::{
@@ -35,6 +36,11 @@ pub struct GuardSettings {
     pub open_for: Duration,
     /// Hedge after this long without an answer; `None`: no hedging.
     pub hedge_after: Option<Duration>,
+    /// `--adaptive-concurrency [TOLERANCE]`: a limit per upstream that follows
+    /// its latency.
+    pub adaptive_concurrency: Option<f64>,
+    /// `--concurrency-limit`: a fixed limit per upstream.
+    pub concurrency_limit: Option<u32>,
 }
 
 /// How one guard groups requests into circuit breakers.
@@ -72,9 +78,16 @@ impl GuardSettings {
     /// The circuit breaker: `failure_threshold` failures in a row open it for
     /// `open_for`, doubling on each failed probe up to [`MAX_OPEN_FACTOR`] times.
     fn breaker(&self, keys: BreakerKeys) -> BreakerPolicy {
-        let breaker = BreakerPolicy::consecutive_failures(self.failure_threshold)
+        let mut breaker = BreakerPolicy::consecutive_failures(self.failure_threshold)
             .open_for(self.open_for)
             .max_open_for(self.max_open_for());
+        if let Some(tolerance) = self.adaptive_concurrency {
+            let limit = AdaptiveConcurrency::default().tolerance(tolerance);
+            breaker = breaker.adaptive_concurrency(limit);
+        }
+        if let Some(limit) = self.concurrency_limit {
+            breaker = breaker.concurrency_limit(limit);
+        }
         match keys {
             BreakerKeys::PerUpstream => breaker.per_authority(),
             BreakerKeys::PerRoute => breaker.per_key(|request: &http::request::Parts| {

@@ -16,9 +16,11 @@
 //!   [`max_keys`](BreakerPolicy::max_keys). Requests without a key share one
 //!   breaker.
 //! - **Concurrency cap** ([`concurrency_limit`](BreakerPolicy::concurrency_limit)):
-//!   at most N requests in flight per key; more get `503` at once. It is the
-//!   bulkhead's (`crate::bulkhead`), a concept of its own that counts per
-//!   breaker key, on the breakers' registry slots.
+//!   at most N requests in flight per key; more get `503` at once. Or an
+//!   [adaptive](BreakerPolicy::adaptive_concurrency) N per key that follows the
+//!   upstream's latency (`crate::adaptive`). It is the bulkhead's
+//!   (`crate::bulkhead`), a concept of its own that counts per breaker key, on
+//!   the breakers' registry slots.
 //! - **Operators** can force a breaker open, disable it, and read snapshots for
 //!   health endpoints through a [`BreakerHandle`].
 //!

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::request::Parts;
 
 use super::state::{Policy, MAX_PROBES};
+use crate::adaptive::AdaptiveConcurrency;
 use crate::error::ConfigError;
 use crate::placement::Placement;
 
@@ -142,6 +143,10 @@ pub struct BreakerPolicy {
     /// `concurrency_limit`; `None`: no cap.
     #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     concurrency_limit: Option<u32>,
+    /// `adaptive_concurrency`: a `[circuit_breaker.adaptive_concurrency]`
+    /// table; `None`: no adaptive limit.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 impl Default for BreakerPolicy {
@@ -159,6 +164,7 @@ impl Default for BreakerPolicy {
             keys: Keying::Authority,
             max_keys: 1024,
             concurrency_limit: None,
+            adaptive_concurrency: None,
         }
     }
 }
@@ -306,9 +312,30 @@ impl BreakerPolicy {
         self
     }
 
+    /// A concurrency limit per key that follows the upstream's latency,
+    /// instead of a fixed [`concurrency_limit`](Self::concurrency_limit) (set
+    /// one or the other). Requests over it are answered `503` at once, with a
+    /// `Retry-After` derived from the latency measured; see
+    /// [`AdaptiveConcurrency`] for how the limit moves.
+    ///
+    /// Like the fixed limit it is counted per breaker key, applies while an
+    /// operator has disabled the breakers, and a request holds its place until
+    /// its response body ends. The breaker decides first: an open circuit
+    /// turns requests away before they count here, and when it lets probes
+    /// through the limit restarts from its initial value.
+    pub fn adaptive_concurrency(mut self, limit: AdaptiveConcurrency) -> Self {
+        self.adaptive_concurrency = Some(limit);
+        self
+    }
+
     /// The per-key concurrency cap, for the bulkhead.
     pub(crate) fn concurrency_cap(&self) -> Option<u32> {
         self.concurrency_limit
+    }
+
+    /// The adaptive concurrency limit, for the bulkhead.
+    pub(crate) fn adaptive(&self) -> Option<&AdaptiveConcurrency> {
+        self.adaptive_concurrency.as_ref()
     }
 
     /// The longest open period: as set, else 60 s or `open_for` if longer (so
@@ -357,6 +384,7 @@ impl BreakerPolicy {
             && self.failure_rate.is_none()
             && self.slow_call_rate.is_none()
             && self.concurrency_limit.is_none()
+            && self.adaptive_concurrency.is_none()
         {
             return Err(ConfigError::new(
                 "circuit_breaker.consecutive_failures",
@@ -398,6 +426,16 @@ impl BreakerPolicy {
                 "circuit_breaker.concurrency_limit",
                 "must be at least 1",
             ));
+        }
+        if let Some(adaptive) = &self.adaptive_concurrency {
+            if self.concurrency_limit.is_some() {
+                return Err(ConfigError::new(
+                    "circuit_breaker.adaptive_concurrency",
+                    "cannot be set with circuit_breaker.concurrency_limit (a fixed limit); \
+                     set adaptive_concurrency.max_limit for a ceiling",
+                ));
+            }
+            adaptive.validate()?;
         }
         Ok(())
     }

@@ -316,6 +316,9 @@ where
             }
             other => other.is_failure(),
         };
+        if let Some(permit) = &self.permit {
+            permit.attempt_ended(outcome, times.attempt_started());
+        }
         let (Some(breakers), Some(ticket)) = (&self.shared.breakers, self.ticket.as_mut()) else {
             return;
         };
