@@ -1,4 +1,5 @@
-//! State kept per breaker key: retry budgets, hedging latencies.
+//! State kept per breaker key: retry budgets, hedging latencies, adaptive
+//! concurrency limits; and [`Target`], which names a key's registry slot.
 //!
 //! A budget shared by a whole layer lets one failing upstream of a proxy spend
 //! the retries that the traffic to every other upstream paid for; a latency
@@ -12,34 +13,28 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use crate::breaker::Target;
-use crate::retry::{BudgetConfig, RetryBudget};
-
 /// How many states are allocated at once, as the registry allocates breakers.
 const CHUNK: usize = 64;
+
+/// Which breaker a request belongs to, and which generation of it: the
+/// registry's own breaker (requests without a key), or a keyed registry slot
+/// as it was when the request was keyed. A slot given to another key gets a
+/// newer generation, so state kept for the old key is never the new key's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The registry's own breaker, for requests without a key.
+    Default,
+    /// A keyed entry.
+    Keyed { index: u32, generation: u32 },
+}
 
 /// State that can live per key: made from a config, reset for a new key.
 pub(crate) trait KeyState {
     /// What each new state is made from.
-    type Config: Copy;
-    fn new(config: Self::Config) -> Self;
+    type Config;
+    fn new(config: &Self::Config) -> Self;
     /// Forgets everything, as if new: the slot now belongs to another key.
-    fn reset(&self);
-}
-
-/// The retry budgets of one guard.
-pub(crate) type Budgets = PerKey<RetryBudget>;
-
-impl KeyState for RetryBudget {
-    type Config = BudgetConfig;
-
-    fn new(config: BudgetConfig) -> Self {
-        RetryBudget::new(config)
-    }
-
-    fn reset(&self) {
-        RetryBudget::reset(self);
-    }
+    fn reset(&self, config: &Self::Config);
 }
 
 /// One `T` per breaker key, and one for requests without a key.
@@ -66,8 +61,8 @@ impl<T: KeyState> PerKey<T> {
     /// States for `keys` breaker keys (`0`: one state for everything).
     pub(crate) fn new(config: T::Config, keys: usize) -> PerKey<T> {
         PerKey {
+            shared: T::new(&config),
             config,
-            shared: T::new(config),
             keyed: (0..keys.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -85,14 +80,19 @@ impl<T: KeyState> PerKey<T> {
             return Some(&self.shared);
         };
         let slot = chunk
-            .get_or_init(|| (0..CHUNK).map(|_| Slot::new(self.config)).collect())
+            .get_or_init(|| (0..CHUNK).map(|_| Slot::new(&self.config)).collect())
             .get(index % CHUNK)?;
-        slot.for_generation(generation).then_some(&slot.state)
+        (slot.for_generation(generation, &self.config)).then_some(&slot.state)
+    }
+
+    /// What every state is made from.
+    pub(crate) fn config(&self) -> &T::Config {
+        &self.config
     }
 }
 
 impl<T: KeyState> Slot<T> {
-    fn new(config: T::Config) -> Slot<T> {
+    fn new(config: &T::Config) -> Slot<T> {
         Slot {
             generation: AtomicU32::new(0),
             state: T::new(config),
@@ -104,7 +104,7 @@ impl<T: KeyState> Slot<T> {
     /// Generations only move forward (32-bit, compared as serial numbers across
     /// the wrap), so a straggler of an older key never resets the state of the
     /// key that replaced it.
-    fn for_generation(&self, generation: u32) -> bool {
+    fn for_generation(&self, generation: u32, config: &T::Config) -> bool {
         let mut current = self.generation.load(Ordering::Acquire);
         loop {
             if current == generation {
@@ -120,7 +120,7 @@ impl<T: KeyState> Slot<T> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.state.reset();
+                    self.state.reset(config);
                     return true;
                 }
                 Err(actual) => current = actual,
@@ -138,15 +138,33 @@ fn is_newer(a: u32, b: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::time::Duration;
-    use tokio::time::Instant;
+    use std::sync::atomic::AtomicU64;
 
-    fn config() -> BudgetConfig {
-        BudgetConfig {
-            ratio: 0.2,
-            min_per_second: 0,
-            ttl: Duration::from_secs(10),
+    use super::*;
+
+    /// A state that counts, and remembers whether it was reset.
+    #[derive(Debug)]
+    struct Count(AtomicU64);
+
+    impl KeyState for Count {
+        type Config = u64;
+
+        fn new(start: &u64) -> Count {
+            Count(AtomicU64::new(*start))
+        }
+
+        fn reset(&self, start: &u64) {
+            self.0.store(*start, Ordering::SeqCst);
+        }
+    }
+
+    impl Count {
+        fn add(&self, n: u64) {
+            self.0.fetch_add(n, Ordering::SeqCst);
+        }
+
+        fn get(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
         }
     }
 
@@ -154,67 +172,52 @@ mod tests {
         Some(Target::Keyed { index, generation })
     }
 
-    /// Withdrawals granted from `budget` out of `n` tries.
-    fn granted(budget: &RetryBudget, n: usize, now: Instant) -> usize {
-        (0..n).filter(|_| budget.withdraw(now)).count()
+    #[test]
+    fn each_key_has_its_own_state() {
+        let states = PerKey::<Count>::new(0, 8);
+        states.of(key(0, 0)).unwrap().add(1000);
+        states.of(key(1, 0)).unwrap().add(1);
+        assert_eq!(states.of(key(1, 0)).unwrap().get(), 1);
+        assert_eq!(states.of(key(0, 0)).unwrap().get(), 1000);
+        assert_eq!(states.of(None).unwrap().get(), 0);
     }
 
     #[test]
-    fn a_failing_key_cannot_spend_what_other_keys_paid_in() {
-        let budgets = Budgets::new(config(), 8);
-        let now = Instant::now();
-        for _ in 0..1000 {
-            budgets.of(key(0, 0)).unwrap().deposit(now);
-        }
-        budgets.of(key(1, 0)).unwrap().deposit(now);
-        assert_eq!(granted(budgets.of(key(1, 0)).unwrap(), 100, now), 0);
-        assert_eq!(granted(budgets.of(key(0, 0)).unwrap(), 500, now), 200);
+    fn a_slot_given_to_a_new_key_starts_afresh() {
+        let states = PerKey::<Count>::new(7, 8);
+        states.of(key(3, 0)).unwrap().add(100);
+        assert_eq!(states.of(key(3, 1)).unwrap().get(), 7);
     }
 
     #[test]
-    fn a_slot_given_to_a_new_key_starts_with_an_empty_budget() {
-        let budgets = Budgets::new(config(), 8);
-        let now = Instant::now();
-        for _ in 0..100 {
-            budgets.of(key(3, 0)).unwrap().deposit(now);
-        }
-        let new_key = budgets.of(key(3, 1)).unwrap();
-        assert_eq!(granted(new_key, 10, now), 0);
-    }
-
-    #[test]
-    fn a_straggler_of_the_old_key_gets_no_budget_and_resets_nothing() {
-        let budgets = Budgets::new(config(), 8);
-        let now = Instant::now();
-        for _ in 0..100 {
-            budgets.of(key(3, 1)).unwrap().deposit(now);
-        }
-        assert!(budgets.of(key(3, 0)).is_none());
-        assert_eq!(granted(budgets.of(key(3, 1)).unwrap(), 50, now), 20);
+    fn a_straggler_of_the_old_key_gets_nothing_and_resets_nothing() {
+        let states = PerKey::<Count>::new(0, 8);
+        states.of(key(3, 1)).unwrap().add(100);
+        assert!(states.of(key(3, 0)).is_none());
+        assert_eq!(states.of(key(3, 1)).unwrap().get(), 100);
     }
 
     #[test]
     fn a_generation_that_wrapped_around_is_still_newer() {
         assert!(is_newer(0, u32::MAX));
         assert!(!is_newer(u32::MAX, 0));
-        let budgets = Budgets::new(config(), 8);
+        let states = PerKey::<Count>::new(0, 8);
         // A slot re-keyed all the way round, in steps of under 2^31.
         for generation in [0, 1 << 30, 1 << 31, 3 << 30, u32::MAX, 0] {
-            assert!(budgets.of(key(1, generation)).is_some(), "{generation}");
+            assert!(states.of(key(1, generation)).is_some(), "{generation}");
         }
-        assert!(budgets.of(key(1, u32::MAX)).is_none(), "a straggler");
+        assert!(states.of(key(1, u32::MAX)).is_none(), "a straggler");
     }
 
     #[test]
-    fn requests_without_a_key_share_one_budget() {
-        let budgets = Budgets::new(config(), 0);
-        let now = Instant::now();
-        for _ in 0..10 {
-            budgets.of(None).unwrap().deposit(now);
-        }
+    fn requests_without_a_key_share_one_state() {
+        let states = PerKey::<Count>::new(0, 0);
+        states.of(None).unwrap().add(2);
+        assert_eq!(states.of(Some(Target::Default)).unwrap().get(), 2);
         assert_eq!(
-            granted(budgets.of(Some(Target::Default)).unwrap(), 10, now),
-            2
+            states.of(key(5, 0)).unwrap().get(),
+            2,
+            "no keyed slots: shared"
         );
     }
 }

@@ -394,6 +394,21 @@ pub(crate) struct RetryBudget {
     lines: Box<[Line]>,
 }
 
+/// The retry budgets of one guard, one per breaker key (see [`crate::keyed`]).
+pub(crate) type Budgets = crate::keyed::PerKey<RetryBudget>;
+
+impl crate::keyed::KeyState for RetryBudget {
+    type Config = BudgetConfig;
+
+    fn new(config: &BudgetConfig) -> Self {
+        RetryBudget::new(*config)
+    }
+
+    fn reset(&self, _: &BudgetConfig) {
+        RetryBudget::reset(self);
+    }
+}
+
 impl RetryBudget {
     pub(crate) fn new(config: BudgetConfig) -> Self {
         RetryBudget::starting_at(config, Instant::now())

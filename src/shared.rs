@@ -9,9 +9,9 @@ use crate::bulkhead::{Bulkhead, Full, Permit};
 use crate::classify::Classify;
 use crate::failure::FailureKind;
 use crate::hedge::Hedging;
-use crate::keyed::Budgets;
 use crate::observe::Observer;
 use crate::response::FailureHook;
+use crate::retry::Budgets;
 use crate::retry::RetryPolicy;
 
 /// Everything every service built from one layer shares: configuration and state

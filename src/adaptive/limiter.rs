@@ -10,17 +10,13 @@
 //! buckets, the fractional limit) has a single writer at a time without a lock.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::controller::{retry_after, whole, Measured, Rule};
 use super::AdaptiveConcurrency;
-use crate::breaker::Target;
-
-/// How many limiters are allocated at once, as the registry allocates breakers.
-const CHUNK: usize = 64;
+use crate::keyed::{KeyState, PerKey, Target};
 
 /// The fewest measurements a sample window needs to close: a mean of fewer
 /// is mostly noise, and the baseline is the lowest mean seen.
@@ -43,7 +39,7 @@ const NO_BASELINE: u64 = u64::MAX;
 
 /// The configuration, in the limiters' units: nanoseconds since `epoch`.
 #[derive(Debug)]
-struct Tuning {
+pub(crate) struct Tuning {
     rule: Rule,
     initial: u32,
     window_nanos: u64,
@@ -60,11 +56,8 @@ impl Tuning {
 /// The adaptive limits of one guard.
 #[derive(Debug)]
 pub(crate) struct Limits {
-    tuning: Tuning,
-    /// For requests without a key.
-    shared: Limiter,
-    /// One per registry slot; empty without keyed breakers.
-    keyed: Box<[OnceLock<Box<[Limiter]>>]>,
+    /// One per registry slot, and one for requests without a key.
+    limiters: PerKey<Limiter>,
 }
 
 /// One attempt's measurement.
@@ -102,28 +95,18 @@ impl Limits {
             epoch: Instant::now(),
         };
         Limits {
-            shared: Limiter::new(&tuning),
-            keyed: (0..keys.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
-            tuning,
+            limiters: PerKey::new(tuning, keys),
         }
+    }
+
+    fn tuning(&self) -> &Tuning {
+        self.limiters.config()
     }
 
     /// The limiter of the breaker `target`; `None` for a request whose
     /// registry slot was given to another key since it was keyed.
     pub(crate) fn of(&self, target: Target) -> Option<&Limiter> {
-        let Target::Keyed { index, generation } = target else {
-            return Some(&self.shared);
-        };
-        let index = index as usize;
-        let Some(chunk) = self.keyed.get(index / CHUNK) else {
-            return Some(&self.shared);
-        };
-        let limiter = chunk
-            .get_or_init(|| (0..CHUNK).map(|_| Limiter::new(&self.tuning)).collect())
-            .get(index % CHUNK)?;
-        limiter
-            .for_generation(generation, &self.tuning)
-            .then_some(limiter)
+        self.limiters.of(Some(target))
     }
 
     /// Adds the latency of an attempt that started at `started` and saw
@@ -137,25 +120,23 @@ impl Limits {
         timed_out: bool,
     ) -> Option<Update> {
         let sample = Sample {
-            started: nanos(started.saturating_duration_since(self.tuning.epoch)),
+            started: nanos(started.saturating_duration_since(self.tuning().epoch)),
             latency: nanos(started.elapsed()),
             in_flight,
             timed_out,
         };
-        limiter.record(&self.tuning, sample)
+        limiter.record(self.tuning(), sample)
     }
 
     /// Starts `limiter` over: its circuit breaker is letting probes through.
     pub(crate) fn restart(&self, limiter: &Limiter) {
-        limiter.restart(&self.tuning);
+        limiter.restart(self.tuning());
     }
 }
 
 /// One key's adaptive limit and its measurements.
 #[derive(Debug)]
 pub(crate) struct Limiter {
-    /// The registry generation of the key the limiter belongs to.
-    generation: AtomicU32,
     /// What admission reads: the whole part of `estimate`.
     limit: AtomicU32,
     /// The limit as the controller keeps it, fractional (`f64` bits), so that
@@ -179,10 +160,22 @@ pub(crate) struct Limiter {
     bucket: AtomicU64,
 }
 
+impl KeyState for Limiter {
+    type Config = Tuning;
+
+    fn new(tuning: &Tuning) -> Limiter {
+        Limiter::new(tuning)
+    }
+
+    /// A new key took the registry slot: it starts afresh.
+    fn reset(&self, tuning: &Tuning) {
+        self.restart(tuning);
+    }
+}
+
 impl Limiter {
     fn new(tuning: &Tuning) -> Limiter {
         Limiter {
-            generation: AtomicU32::new(0),
             limit: AtomicU32::new(tuning.initial),
             estimate: AtomicU64::new(f64::from(tuning.initial).to_bits()),
             retry_after_secs: AtomicU32::new(1),
@@ -207,35 +200,6 @@ impl Limiter {
     pub(crate) fn shed(&self) -> Duration {
         self.shed.fetch_add(1, Ordering::Relaxed);
         Duration::from_secs(u64::from(self.retry_after_secs.load(Ordering::Relaxed)))
-    }
-
-    /// Makes the limiter belong to `generation` if that is newer (a new key
-    /// took the registry slot: it starts afresh); whether it belongs to it. As
-    /// for the retry budgets, generations only move forward, so a straggler of
-    /// an older key never resets the new key's limit.
-    fn for_generation(&self, generation: u32, tuning: &Tuning) -> bool {
-        let mut current = self.generation.load(Ordering::Acquire);
-        loop {
-            if current == generation {
-                return true;
-            }
-            // Serial number arithmetic: the wrapped difference read as signed.
-            if (generation.wrapping_sub(current) as i32) <= 0 {
-                return false;
-            }
-            match self.generation.compare_exchange(
-                current,
-                generation,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.restart(tuning);
-                    return true;
-                }
-                Err(actual) => current = actual,
-            }
-        }
     }
 
     /// Back to the initial limit, with nothing measured and no baseline.

@@ -55,14 +55,7 @@ impl Entry {
     }
 }
 
-/// Which entry a request uses, and which generation of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    /// The registry's own breaker, for requests without a key.
-    Default,
-    /// A keyed entry.
-    Keyed { index: u32, generation: u32 },
-}
+pub(crate) use crate::keyed::Target;
 
 struct Index {
     map: HashMap<Arc<str>, u32>,

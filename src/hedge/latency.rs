@@ -54,11 +54,11 @@ impl std::fmt::Debug for LatencyWindow {
 impl KeyState for LatencyWindow {
     type Config = LatencyConfig;
 
-    fn new(config: LatencyConfig) -> Self {
-        LatencyWindow::starting_at(config, Instant::now())
+    fn new(config: &LatencyConfig) -> Self {
+        LatencyWindow::starting_at(*config, Instant::now())
     }
 
-    fn reset(&self) {
+    fn reset(&self, _: &LatencyConfig) {
         for count in self.histograms.iter().flat_map(|h| h.iter()) {
             count.store(0, Ordering::Relaxed);
         }
