@@ -49,7 +49,7 @@
 //! | `status` | the numeric HTTP status (`200`, `503`, ...); on attempts that got no response, `none` |
 //! | `reason` (retries) | the failed attempt's status (`503`) or failure kind (`transport`, `attempt_timeout`, ...) |
 //! | `reason` (retries denied) | `budget`, `deadline`, `not_idempotent`, `body_not_replayable`, `circuit_open` (see [`RetryDenied::as_str`](crate::observe::RetryDenied::as_str)) |
-//! | `reason` (hedges denied) | `budget`, `deadline`, `circuit_open` (see [`HedgeDenied::as_str`](crate::observe::HedgeDenied::as_str)) |
+//! | `reason` (hedges denied) | `budget`, `deadline`, `circuit_open`, `concurrency_limited` (see [`HedgeDenied::as_str`](crate::observe::HedgeDenied::as_str)) |
 //! | `reason` (rejections) | `circuit_open`, `concurrency_limited` |
 //! | `key` | the breaker's key (by default the request authority, see [`BreakerPolicy::per_key`](crate::BreakerPolicy::per_key)), or `default` for the breaker shared by requests without a key |
 //! | `from`, `to` | `closed`, `open`, `half_open` (see [`CircuitState::as_str`](crate::CircuitState::as_str)) |
@@ -220,7 +220,7 @@ impl MetricsObserver {
         describe_counter!(
             HEDGES_TOTAL,
             Unit::Count,
-            "Hedges sent, won (gave the answer) or denied (budget, deadline, circuit open)."
+            "Hedges sent, won (gave the answer) or denied (budget, deadline, circuit open, concurrency limit)."
         );
         describe_counter!(
             REJECTIONS_TOTAL,

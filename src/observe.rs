@@ -272,6 +272,9 @@ pub enum HedgeDenied {
     Deadline,
     /// The circuit breaker is not closed.
     CircuitOpen,
+    /// The upstream's concurrency limit (fixed or adaptive) is reached: a
+    /// hedge is one more request in flight, and takes a place like any other.
+    ConcurrencyLimited,
 }
 
 impl HedgeDenied {
@@ -281,6 +284,7 @@ impl HedgeDenied {
             HedgeDenied::Budget => "budget",
             HedgeDenied::Deadline => "deadline",
             HedgeDenied::CircuitOpen => "circuit_open",
+            HedgeDenied::ConcurrencyLimited => "concurrency_limited",
         }
     }
 }

@@ -357,6 +357,42 @@ async fn a_retry_is_hedged_like_the_first_attempt() {
     assert_eq!(observer.responses(), vec![(200, success, 3)]);
 }
 
+#[tokio::test]
+async fn a_hedge_takes_a_place_under_the_concurrency_limit() {
+    let observer = Recording::default();
+    let upstream = Upstream::start().await;
+    let layer = hedging(observer.clone())
+        .circuit_breaker(BreakerPolicy::default().concurrency_limit(1))
+        .build()
+        .unwrap();
+    let client = guarded(&layer);
+    // The request holds the one place: its hedge would be a second request in
+    // flight, and is not sent.
+    let answer = send(&client, get(&upstream.url("/seq/q/slow300,ok"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(upstream.count("/seq/q/"), 1);
+    let denied = HedgeOutcome::Denied(HedgeDenied::ConcurrencyLimited);
+    assert_eq!(observer.hedges(), vec![(2, denied)]);
+}
+
+#[tokio::test]
+async fn a_hedge_goes_when_the_concurrency_limit_has_room_and_gives_its_place_back() {
+    let observer = Recording::default();
+    let upstream = Upstream::start().await;
+    let layer = hedging(observer.clone())
+        .circuit_breaker(BreakerPolicy::default().concurrency_limit(2))
+        .build()
+        .unwrap();
+    let handle = layer.breaker_handle().unwrap();
+    let client = guarded(&layer);
+    let answer = send(&client, get(&upstream.url("/seq/r/hang,ok"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(observer.hedge_count("won"), 1);
+    drop(answer);
+    let key = upstream.authority();
+    assert_eq!(handle.snapshot_for(&key).unwrap().in_flight, 0);
+}
+
 /// Waits (bounded) until `done` holds.
 async fn wait_until(done: impl Fn() -> bool) {
     for _ in 0..200 {

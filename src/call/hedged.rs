@@ -24,10 +24,12 @@ use tower_service::Service;
 
 use super::{tell_grpc_timeout, Attempted, Call, Kept};
 use crate::body::RequestBody;
+use crate::breaker::CircuitState;
+use crate::bulkhead::{Full, Permit};
 use crate::clock::{Clock, Times};
 use crate::failure::FailureKind;
 use crate::hedge::{decide, Flight, HedgeDecision, InFlight};
-use crate::observe::{AttemptOutcome, HedgeOutcome};
+use crate::observe::{AttemptOutcome, HedgeDenied, HedgeOutcome};
 use crate::panic;
 use crate::report::Report;
 use crate::BoxError;
@@ -141,11 +143,7 @@ where
                     let attempted = self.judge(result, self.grpc_timeout_kind);
                     let started = clock.as_mut().times().attempt_started();
                     let number = self.first_number();
-                    let ended = Ended {
-                        number,
-                        started,
-                        span: None,
-                    };
+                    let ended = Ended::first(number, started);
                     match self.settle(attempted, ended, flight.len(), clock.as_mut()) {
                         Some(attempted) => return Poll::Ready(attempted),
                         None => continue,
@@ -233,11 +231,7 @@ where
             if end <= now {
                 first.set(None);
                 let started = clock.as_mut().times().attempt_started();
-                let ended = Ended {
-                    number: self.first_number(),
-                    started,
-                    span: None,
-                };
+                let ended = Ended::first(self.first_number(), started);
                 let attempted = Attempted::Failed(kind(end), None);
                 if let Some(judged) = self.settle(attempted, ended, flight.len(), clock.as_mut()) {
                     return Some(judged);
@@ -257,11 +251,7 @@ where
             flight.clear();
             first.set(None);
             let started = clock.as_mut().times().attempt_started();
-            let ended = Ended {
-                number: self.first_number(),
-                started,
-                span: None,
-            };
+            let ended = Ended::first(self.first_number(), started);
             let attempted = Attempted::Failed(FailureKind::DeadlineExceeded, None);
             return self.settle(attempted, ended, 0, clock);
         }
@@ -297,6 +287,11 @@ where
             return Some(attempted);
         }
         let outcome = attempted.outcome();
+        // What it measured feeds an adaptive limit: through its own place, or
+        // the request's for the round's first attempt.
+        if let Some(permit) = ended.permit.as_ref().or(self.permit.as_ref()) {
+            permit.attempt_ended(outcome, ended.started);
+        }
         let observer = self.shared.observer.as_deref();
         let span = ended.span.as_ref().unwrap_or(self.report.attempt_span());
         Report::attempt_ended_in(
@@ -352,6 +347,24 @@ where
             }
             Poll::Ready(Ok(())) => {}
         }
+        // A hedge is one more request in flight: it takes a place under the
+        // upstream's concurrency limit like any other, or is not sent.
+        let permit = match (&self.shared.bulkhead, self.target) {
+            (Some(bulkhead), Some(target)) => {
+                match bulkhead.acquire(target, CircuitState::Closed) {
+                    Ok(permit) => permit,
+                    Err(Full(_)) => {
+                        round.due = None;
+                        let observer = self.shared.observer.as_deref();
+                        let outcome = HedgeOutcome::Denied(HedgeDenied::ConcurrencyLimited);
+                        self.report
+                            .hedge(observer, self.facts(), self.attempt + 1, outcome);
+                        return Tried::Changed;
+                    }
+                }
+            }
+            _ => None,
+        };
         let hedging = self.shared.hedge.as_ref();
         let max = hedging.map_or(0, |h| h.policy.max_hedges_per_request());
         let deadline = clock.as_mut().times().deadline();
@@ -406,6 +419,7 @@ where
                     started: now,
                     span,
                     grpc_timeout_kind,
+                    permit,
                 });
                 let observer = self.shared.observer.as_deref();
                 let outcome = HedgeOutcome::Sent { after };
@@ -422,14 +436,28 @@ struct Ended {
     number: u32,
     started: Option<Instant>,
     span: Option<tracing::Span>,
+    /// A hedge's own place under the concurrency limit, given back with it.
+    permit: Option<Permit>,
 }
 
 impl Ended {
+    /// The round's first attempt, whose span is the report's and whose place
+    /// under the concurrency limit is the request's.
+    fn first(number: u32, started: Option<Instant>) -> Ended {
+        Ended {
+            number,
+            started,
+            span: None,
+            permit: None,
+        }
+    }
+
     fn of<F>(hedge: InFlight<F>) -> Ended {
         Ended {
             number: hedge.number,
             started: Some(hedge.started),
             span: Some(hedge.span),
+            permit: hedge.permit,
         }
     }
 }

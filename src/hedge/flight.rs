@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Span;
 
+use crate::bulkhead::Permit;
 use crate::failure::FailureKind;
 use crate::BoxError;
 
@@ -25,6 +26,8 @@ pub(crate) struct InFlight<F> {
     pub(crate) span: Span,
     /// Which of our timeouts the `grpc-timeout` it was sent with stands for.
     pub(crate) grpc_timeout_kind: FailureKind,
+    /// Its place under the upstream's concurrency limit, if there is one.
+    pub(crate) permit: Option<Permit>,
 }
 
 impl<F: Future> InFlight<F> {

@@ -32,7 +32,8 @@ pub(crate) use latency::LatencyWindow;
 /// that are safe to resend are hedged (the retry rule: idempotent method or an
 /// `Idempotency-Key`, and a body buffered for replay), every hedge is paid from
 /// the retry budget, and no hedge starts when the deadline has less time left
-/// than the hedge delay.
+/// than the hedge delay, while the breaker is not closed, or when the
+/// upstream's concurrency limit has no place for it.
 ///
 /// ```
 /// use std::time::Duration;
