@@ -253,6 +253,63 @@ async fn a_spent_budget_counts_as_a_denied_retry() {
 }
 
 #[tokio::test]
+async fn hedges_are_counted_sent_won_and_denied_by_reason() {
+    prometheus();
+    let upstream = Upstream::start().await;
+    let layer = UpstreamGuardLayer::builder()
+        .attempt_timeout(Duration::from_secs(2))
+        .deadline(Duration::from_secs(5))
+        .upstream_name("metrics-hedge")
+        .retry(RetryPolicy::default().budget(0.2, 100))
+        .circuit_breaker(upstream_guard::BreakerPolicy::default().concurrency_limit(1))
+        .hedge(upstream_guard::HedgePolicy::after(Duration::from_millis(
+            30,
+        )))
+        .observer(MetricsObserver::new())
+        .build()
+        .expect("valid layer");
+    let client = guarded(&layer);
+    // The one place under the limit is the request's: the hedge is denied.
+    let answer = send(&client, get(&upstream.url("/slow/150"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let up = ("upstream", "metrics-hedge");
+    let denied = [up, ("outcome", "denied"), ("reason", "concurrency_limited")];
+    assert_eq!(value("upstream_guard_hedges_total", &denied), 1.0);
+    assert_eq!(
+        value("upstream_guard_hedges_total", &[up, ("outcome", "sent")]),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_hedge_that_answers_is_counted_sent_and_won() {
+    prometheus();
+    let upstream = Upstream::start().await;
+    let client = guarded(
+        &UpstreamGuardLayer::builder()
+            .attempt_timeout(Duration::from_secs(2))
+            .deadline(Duration::from_secs(5))
+            .upstream_name("metrics-hedge-won")
+            .retry(RetryPolicy::default().budget(0.2, 100))
+            .hedge(upstream_guard::HedgePolicy::after(Duration::from_millis(
+                30,
+            )))
+            .observer(MetricsObserver::new())
+            .build()
+            .expect("valid layer"),
+    );
+    let answer = send(&client, get(&upstream.url("/seq/metrics/hang,ok"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let up = ("upstream", "metrics-hedge-won");
+    let sent = [up, ("outcome", "sent"), ("reason", "none")];
+    assert_eq!(value("upstream_guard_hedges_total", &sent), 1.0);
+    assert_eq!(
+        value("upstream_guard_hedges_total", &[up, ("outcome", "won")]),
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn an_open_circuit_counts_rejections_and_sets_the_gauge() {
     prometheus();
     let upstream = Upstream::start().await;
