@@ -27,6 +27,15 @@ fn hedging(observer: Recording) -> upstream_guard::Builder {
         .observer(observer)
 }
 
+/// Hedging, and one quick retry after a round that failed.
+fn two_attempts(observer: Recording) -> UpstreamGuardLayer {
+    let retry = RetryPolicy::default()
+        .max_attempts(2)
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .budget(0.2, 100);
+    hedging(observer).retry(retry).build().unwrap()
+}
+
 #[tokio::test]
 async fn a_slow_first_attempt_is_hedged_and_the_hedge_answers() {
     let observer = Recording::default();
@@ -310,16 +319,7 @@ async fn a_percentile_delay_waits_for_samples_then_hedges_the_tail() {
 async fn hedges_do_not_use_up_retries() {
     let observer = Recording::default();
     let upstream = Upstream::start().await;
-    let layer = hedging(observer.clone())
-        .retry(
-            RetryPolicy::default()
-                .max_attempts(2)
-                .backoff(Duration::from_millis(1), Duration::from_millis(5))
-                .budget(0.2, 100),
-        )
-        .build()
-        .unwrap();
-    let client = guarded(&layer);
+    let client = guarded(&two_attempts(observer.clone()));
     // Round one: the hedge fails at once, the first attempt at 150 ms. The
     // retry allowed by `max_attempts(2)` is still there, and answers.
     let answer = send(&client, get(&upstream.url("/seq/o/slow150:503,503,ok"))).await;
@@ -334,16 +334,7 @@ async fn hedges_do_not_use_up_retries() {
 async fn a_retry_is_hedged_like_the_first_attempt() {
     let observer = Recording::default();
     let upstream = Upstream::start().await;
-    let layer = hedging(observer.clone())
-        .retry(
-            RetryPolicy::default()
-                .max_attempts(2)
-                .backoff(Duration::from_millis(1), Duration::from_millis(5))
-                .budget(0.2, 100),
-        )
-        .build()
-        .unwrap();
-    let client = guarded(&layer);
+    let client = guarded(&two_attempts(observer.clone()));
     // The first attempt fails before its hedge is due; the retry (attempt 2)
     // is slow, and its hedge (attempt 3) answers.
     let answer = send(&client, get(&upstream.url("/seq/p/slow10:503,slow3000,ok"))).await;
