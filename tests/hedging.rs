@@ -316,6 +316,39 @@ async fn a_percentile_delay_waits_for_samples_then_hedges_the_tail() {
 }
 
 #[tokio::test]
+async fn each_upstream_is_hedged_after_its_own_percentile() {
+    let observer = Recording::default();
+    let (slow, fast) = (Upstream::start().await, Upstream::start().await);
+    let layer = hedging(observer.clone())
+        .hedge(
+            HedgePolicy::at_percentile(0.9)
+                .min_samples(20)
+                .min_delay(Duration::from_millis(5)),
+        )
+        .build()
+        .unwrap();
+    let client = guarded(&layer);
+    // One upstream always takes 150 ms, the other answers at once.
+    for _ in 0..25 {
+        send(&client, get(&slow.url("/slow/150"))).await;
+        send(&client, get(&fast.url("/ok"))).await;
+    }
+    assert!(
+        observer.hedges().is_empty(),
+        "the slow one's own p90 is its normal time"
+    );
+    // The fast upstream's p90 is about a millisecond: its slow request is
+    // hedged after the 5 ms floor. A percentile shared with the slow upstream
+    // would wait about 150 ms before hedging it.
+    let started = Instant::now();
+    let answer = send(&client, get(&fast.url("/seq/s/slow2000,ok"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_millis(120), "{elapsed:?}");
+    assert_eq!(observer.hedge_count("won"), 1);
+}
+
+#[tokio::test]
 async fn hedges_do_not_use_up_retries() {
     let observer = Recording::default();
     let upstream = Upstream::start().await;
