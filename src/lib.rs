@@ -268,8 +268,9 @@
 //! - `hyper` (default): recognise hyper and hyper-util client errors exactly
 //!   (connect vs. reset vs. parse error).
 //! - `metrics`: [`MetricsObserver`], which records requests, attempts, retries,
-//!   rejections and circuit states through the `metrics` facade, with bounded
-//!   labels (see its module docs for every metric).
+//!   hedges, rejections, circuit states and adaptive concurrency limits through
+//!   the `metrics` facade, with bounded labels (see its module docs for every
+//!   metric).
 //! - `axum`: key a guard placed with `axum::Router::layer` by the route axum
 //!   matched (see [Placements](#placements)).
 //! - `tonic`: [`tonic::GuardedChannel`], a nameable guarded tonic `Channel`;
@@ -277,7 +278,8 @@
 //!   with tonic's `Server::layer` that ignores the caller's `:authority`.
 //! - `serde`: [`GuardConfig`], a layer's whole configuration from a config file
 //!   (TOML, YAML, JSON...), with durations written like `"800ms"`; `Deserialize`
-//!   and `Serialize` for [`RetryPolicy`] and [`BreakerPolicy`], `Serialize` for
+//!   and `Serialize` for [`RetryPolicy`], [`BreakerPolicy`] (with its
+//!   [`AdaptiveConcurrency`](adaptive::AdaptiveConcurrency)) and [`HedgePolicy`], `Serialize` for
 //!   [`BreakerSnapshot`](breaker::BreakerSnapshot) (health endpoints). Without it
 //!   the crate does not depend on serde.
 //!
