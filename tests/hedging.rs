@@ -339,12 +339,12 @@ async fn each_upstream_is_hedged_after_its_own_percentile() {
     );
     // The fast upstream's p90 is about a millisecond: its slow request is
     // hedged after the 5 ms floor. A percentile shared with the slow upstream
-    // would wait about 150 ms before hedging it.
+    // would wait at least 164 ms (the upper edge of 150 ms's bucket).
     let started = Instant::now();
     let answer = send(&client, get(&fast.url("/seq/s/slow2000,ok"))).await;
     assert_eq!(answer.status, StatusCode::OK);
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(120), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(140), "{elapsed:?}");
     assert_eq!(observer.hedge_count("won"), 1);
 }
 
