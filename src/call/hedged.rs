@@ -22,7 +22,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{tell_grpc_timeout, Attempted, Call, Kept};
+use super::{pay_for_resend, tell_grpc_timeout, Attempted, Call, Kept};
 use crate::body::RequestBody;
 use crate::breaker::CircuitState;
 use crate::bulkhead::{Full, Permit};
@@ -368,12 +368,7 @@ where
         let hedging = self.shared.hedge.as_ref();
         let max = hedging.map_or(0, |h| h.policy.max_hedges_per_request());
         let deadline = clock.as_mut().times().deadline();
-        let (budgets, target) = (&self.shared.budget, self.target);
-        let withdraw = |now| {
-            budgets
-                .as_ref()
-                .is_none_or(|b| b.of(target).is_some_and(|b| b.withdraw(now)))
-        };
+        let withdraw = |now| pay_for_resend(&self.shared.budget, self.target, now);
         let decision = decide(
             round.sent,
             max,

@@ -34,7 +34,7 @@ use crate::panic;
 use crate::replay::{usable_request_id, Buffered, ReplayBody};
 use crate::report::{upstream_name, Report};
 use crate::response::{synthesize, Flavor};
-use crate::retry::{decide, is_safe_to_resend, Decision, Failed, Resend};
+use crate::retry::{decide, is_safe_to_resend, Budgets, Decision, Failed, Resend};
 use crate::shared::{Admission, Shared};
 use crate::watch::{SendState, SendWatch};
 use crate::BoxError;
@@ -576,14 +576,7 @@ where
             replayable: matches!(self.kept, Kept::Again(_)),
         };
         let (now, deadline) = (Instant::now(), times.deadline());
-        let (budgets, target) = (&self.shared.budget, self.target);
-        let withdraw = |now| {
-            // No budget configured: retries are free. A request whose budget
-            // slot went to another key cannot pay.
-            budgets
-                .as_ref()
-                .is_none_or(|b| b.of(target).is_some_and(|b| b.withdraw(now)))
-        };
+        let withdraw = |now| pay_for_resend(&self.shared.budget, self.target, now);
         let breaker_closed = self.breaker_allows_retry();
         let policy = &self.shared.retry;
         let observer = self.shared.observer.as_deref();
@@ -765,6 +758,15 @@ where
         };
         self.report.response(self.shared.observer.as_deref(), event);
     }
+}
+
+/// Takes one resend (a retry or a hedge) out of the budget of `target`'s
+/// upstream at `now`; whether it was paid. No budget configured: resends are
+/// free. A request whose budget slot went to another key cannot pay.
+fn pay_for_resend(budgets: &Option<Budgets>, target: Option<Target>, now: Instant) -> bool {
+    budgets
+        .as_ref()
+        .is_none_or(|b| b.of(target).is_some_and(|b| b.withdraw(now)))
 }
 
 /// Tells a gRPC upstream in `grpc-timeout` how long it has; which of our
